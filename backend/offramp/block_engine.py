@@ -1,0 +1,54 @@
+"""The block interface: run one block of decoder layers on a sub-batch over the paged KV store."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from offramp.attention import AttentionMetadata
+from offramp.kv_store import KVStore
+from offramp.modeling import ModelWeights, decoder_layer
+
+
+class BlockEngine(ABC):
+    """Hidden states in, hidden states out, for layers ``[start, end)`` of one block.
+
+    Implementations (PyTorch here; ONNX Runtime and TensorRT later) read and write the block's
+    layers' KV through the same paged store, so the runner can stop between any two blocks.
+    """
+
+    def __init__(self, block_ranges: list[tuple[int, int]]) -> None:
+        self.block_ranges = block_ranges
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ranges)
+
+    @abstractmethod
+    def run_block(
+        self,
+        block_idx: int,
+        hidden: torch.Tensor,  # [num_tokens, hidden]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        """Run every layer of block ``block_idx`` on ``hidden`` (the tokens ``meta`` describes)."""
+
+
+class TorchBlockEngine(BlockEngine):
+    """The PyTorch reference implementation; every other engine is checked against it."""
+
+    name = "torch"
+
+    def __init__(self, weights: ModelWeights, kv: KVStore, block_ranges: list[tuple[int, int]]) -> None:
+        super().__init__(block_ranges)
+        self.weights = weights
+        self.kv = kv
+
+    def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        start, end = self.block_ranges[block_idx]
+        for layer in range(start, end):
+            hidden = decoder_layer(
+                self.weights.layers[layer], hidden, meta, self.kv.k[layer], self.kv.v[layer], self.weights.shape
+            )
+        return hidden

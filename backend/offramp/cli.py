@@ -1,0 +1,145 @@
+"""The ``offramp`` command: ``generate`` and ``bench`` (``serve`` and ``export`` come later)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from offramp.config import DTYPES, EngineConfig
+from offramp.model_loader import ModelLoadError
+from offramp.sampling import SamplingParams
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
+    g.add_argument("--dtype", default="float32", choices=DTYPES)
+    g.add_argument("--engine", default="torch", choices=["torch"])
+    g.add_argument("--block-size", type=int, default=2, help="decoder layers per block")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    g.add_argument("--num-pages", type=int, default=None, help="KV budget in pages (overrides --kv-budget-mb)")
+    g.add_argument("--kv-budget-mb", type=int, default=512, help="KV budget in MiB")
+    g.add_argument("--max-num-seqs", type=int, default=32)
+    g.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    g.add_argument("--raw", action="store_true", help="send prompts as raw text, without the chat template")
+
+
+def _config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        engine=args.engine,
+        block_size=args.block_size,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        kv_budget_bytes=args.kv_budget_mb * 1024 * 1024,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_threads=args.num_threads,
+        use_chat_template=not args.raw,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offramp", description="Early-exit LLM engine for Triton.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline for one or more prompts (batched together)")
+    _engine_args(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="a stop string; repeat for several")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench = sub.add_parser("bench", help="measure throughput and latency (one JSON line)")
+    _engine_args(bench)
+    bench.add_argument("--prompts-file", default=None, help="JSONL with a 'prompt' field (default: bundled set)")
+    bench.add_argument("--num-requests", type=int, default=32)
+    bench.add_argument("--concurrency", type=int, default=16)
+    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--compare", choices=["hf"], default=None, help="also run HF transformers generate")
+    bench.add_argument("--json", action="store_true", help="print only the JSON line")
+    bench.add_argument("--output", default=None, help="append the JSON line to this file and draw a PNG beside it")
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from offramp.engine import LLMEngine
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    engine = LLMEngine(_config(args))
+    outputs = engine.generate(args.prompt, params)
+    if args.json:
+        rows = [
+            {
+                "prompt": o.prompt,
+                "text": o.text,
+                "token_ids": o.token_ids,
+                "finish_reason": o.finish_reason,
+                "exit_layers": o.exit_layers,
+            }
+            for o in outputs
+        ]
+        print(json.dumps({"outputs": rows}, ensure_ascii=False))
+    else:
+        for o in outputs:
+            print(f"### {o.prompt}\n{o.text}\n[{len(o.token_ids)} tokens, finish_reason={o.finish_reason}]\n")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from offramp.bench import bench, load_prompts
+    from offramp.engine import LLMEngine
+
+    for name in ("num_requests", "concurrency", "max_tokens"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"{name.replace('_', '-')}: must be positive")
+    prompts = load_prompts(args.prompts_file)
+    engine = LLMEngine(_config(args))
+    result = bench(
+        engine,
+        prompts,
+        args.num_requests,
+        args.concurrency,
+        args.max_tokens,
+        compare_hf=args.compare == "hf",
+        progress=sys.stderr.isatty(),
+    )
+    line = json.dumps(result)
+    print(line)
+    if args.output:
+        from offramp.plots import plot_bench
+
+        out = Path(args.output)
+        with out.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        print(f"offramp: wrote {out} and {plot_bench(out)}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "bench": cmd_bench}[args.command](args)
+    except (ModelLoadError, ValueError) as exc:
+        print(f"offramp: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""One validated configuration for the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("float32", "bfloat16")
+ENGINES = ("torch",)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine needs to know, checked once at construction.
+
+    Invalid values raise ``ValueError`` naming the field.
+    """
+
+    model: str = "default"
+    dtype: str = "float32"
+    engine: str = "torch"
+    block_size: int = 2  # decoder layers per block
+    block_boundaries: tuple[int, ...] | None = None  # explicit layer indices where blocks start
+    page_size: int = 16  # tokens per KV page
+    num_pages: int | None = None  # KV budget in pages; None derives it from kv_budget_bytes
+    kv_budget_bytes: int = 256 * 1024 * 1024
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # defaults to the model's context length
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    use_chat_template: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model: must be 'default' or a path to a checkpoint directory or GGUF file")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        _positive("block_size", self.block_size)
+        _positive("page_size", self.page_size)
+        _positive("kv_budget_bytes", self.kv_budget_bytes)
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_tokens_limit", self.max_tokens_limit)
+        if self.num_pages is not None:
+            _positive("num_pages", self.num_pages)
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+        if self.num_threads is not None:
+            _positive("num_threads", self.num_threads)
+        if self.block_boundaries is not None:
+            bounds = tuple(self.block_boundaries)
+            if not bounds or bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):
+                raise ValueError("block_boundaries: must start at 0 and be strictly increasing, e.g. (0, 10, 20)")
+            self.block_boundaries = bounds
+
+    def block_ranges(self, num_layers: int) -> list[tuple[int, int]]:
+        """Half-open layer ranges ``[start, end)`` of each block."""
+        if self.block_boundaries is None:
+            starts = list(range(0, num_layers, self.block_size))
+        else:
+            starts = list(self.block_boundaries)
+            if starts[-1] >= num_layers:
+                raise ValueError(f"block_boundaries: {starts[-1]} is not a layer of this {num_layers}-layer model")
+        ends = starts[1:] + [num_layers]
+        return list(zip(starts, ends))
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")

@@ -1,0 +1,202 @@
+"""The engine loop: the scheduler picks, the runner runs, the scheduler post-processes."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from offramp.block_engine import TorchBlockEngine
+from offramp.config import EngineConfig
+from offramp.kv_store import KVStore, pages_for_budget
+from offramp.model_loader import eos_token_ids, load_tokenizer, load_weights, resolve_model
+from offramp.page_manager import PageManager
+from offramp.runner import ModelRunner
+from offramp.sampling import SamplingParams
+from offramp.scheduler import Scheduler
+from offramp.sequence import FinishReason, Sequence
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A finished (or aborted) request as callers see it."""
+
+    request_id: str
+    prompt: str | None
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    exit_layers: list[int]
+    num_preemptions: int = 0
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.checkpoint = resolve_model(config.model)
+        self.dtype = DTYPES[config.dtype]
+        self.weights, self.hf_config = load_weights(self.checkpoint, self.dtype)
+        self.tokenizer = load_tokenizer(self.checkpoint)
+        self.eos_ids = eos_token_ids(self.checkpoint, self.tokenizer)
+        shape = self.weights.shape
+        self.num_layers = shape.num_layers
+        self.max_model_len = self._max_model_len()
+        num_pages = config.num_pages or pages_for_budget(shape, self.dtype, config.page_size, config.kv_budget_bytes)
+        self.kv = KVStore(shape, num_pages, config.page_size, self.dtype)
+        self.pages = PageManager(num_pages, config.page_size)
+        self.block_ranges = config.block_ranges(shape.num_layers)
+        self.blocks = TorchBlockEngine(self.weights, self.kv, self.block_ranges)
+        self.runner = ModelRunner(self.weights, self.blocks, self.pages, self.max_model_len)
+        self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
+        self._generators: dict[int, torch.Generator] = {}
+        self._seed_counter = itertools.count(config.seed)
+        self._seqs: dict[str, Sequence] = {}
+
+    def _max_model_len(self) -> int:
+        limit = self.weights.shape.max_position_embeddings
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and getattr(self.hf_config, "use_sliding_window", True):
+            limit = min(limit, window)  # beyond the window the model would attend differently
+        if self.config.max_model_len is not None:
+            if self.config.max_model_len > limit:
+                raise ValueError(f"max_model_len: {self.config.max_model_len} exceeds the model's {limit}")
+            limit = self.config.max_model_len
+        return limit
+
+    # -- requests -------------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
+        """Token ids of ``prompt``: through the chat template when the tokenizer has one."""
+        chat = self.config.use_chat_template if chat is None else chat
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            enc = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        """Queue a request; raises ``ValueError`` for input the engine cannot serve."""
+        if request_id in self._seqs:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        if not prompt_token_ids:
+            raise ValueError("prompt: is empty")
+        if params.max_tokens > self.config.max_tokens_limit:
+            raise ValueError(f"max_tokens: {params.max_tokens} exceeds the limit {self.config.max_tokens_limit}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(prompt_token_ids)} tokens leave no room in the context of {self.max_model_len}"
+            )
+        if (
+            self.pages.pages_for(min(len(prompt_token_ids) + params.max_tokens, self.max_model_len))
+            > self.pages.num_pages
+        ):
+            raise ValueError(
+                f"prompt: {len(prompt_token_ids)} tokens + max_tokens {params.max_tokens} exceed the KV store "
+                f"({self.pages.num_pages * self.pages.page_size} tokens)"
+            )
+        seq = Sequence(list(prompt_token_ids), params, request_id=request_id)
+        if not params.is_greedy:
+            seed = params.seed if params.seed is not None else next(self._seed_counter)
+            self._generators[seq.seq_id] = torch.Generator().manual_seed(seed)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Cancel a request: it finishes with reason ``abort`` and its pages are freed at once."""
+        seq = self._seqs.get(request_id)
+        if seq is not None:
+            self._finish(seq, FinishReason.ABORT)
+        return seq
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the loop -------------------------------------------------------------------------------
+    def step(self) -> tuple[list[Sequence], list[Sequence]]:
+        """One iteration. Returns (sequences that got a token, sequences that finished)."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return [], []
+        result = self.runner.run(batch, self._generators)
+        grown = self.scheduler.postprocess(batch, result.token_ids)
+        for item, depth in zip(batch.scheduled, result.exit_layers):
+            if depth is not None:
+                item.seq.exit_layers.append(depth)
+        now = time.perf_counter()
+        finished = []
+        for seq in grown:
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                self._finish(seq, reason)
+                finished.append(seq)
+        return grown, finished
+
+    def _stop_reason(self, seq: Sequence) -> FinishReason | None:
+        last = seq.output_token_ids[-1]
+        if last in self.eos_ids and not seq.params.ignore_eos:
+            return FinishReason.STOP
+        if seq.params.stop and self._stop_string_at(seq) is not None:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _stop_string_at(self, seq: Sequence) -> int | None:
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        seq.finish_time = time.perf_counter()
+        self._generators.pop(seq.seq_id, None)
+        self._seqs.pop(seq.request_id, None)
+
+    def output_of(self, seq: Sequence, prompt: str | None = None) -> RequestOutput:
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        if seq.params.stop:
+            cut = self._stop_string_at(seq)
+            text = text if cut is None else text[:cut]
+        end = seq.finish_time or time.perf_counter()
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=prompt,
+            text=text,
+            token_ids=list(seq.output_token_ids),
+            prompt_token_ids=list(seq.prompt_token_ids),
+            finish_reason=(seq.finish_reason or FinishReason.ABORT).value,
+            exit_layers=list(seq.exit_layers),
+            num_preemptions=seq.num_preemptions,
+            ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
+            latency_s=end - seq.arrival_time,
+        )
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        chat: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Offline: run all prompts together (continuously batched) and return them in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat)
+            seqs.append(self.add_request(f"offline-{id(seqs)}-{i}", ids, p))
+        while self.has_work:
+            self.step()
+        return [self.output_of(seq, prompt if isinstance(prompt, str) else None) for seq, prompt in zip(seqs, prompts)]

@@ -1,0 +1,46 @@
+"""The KV tensors behind the page manager: one K and one V store per layer."""
+
+from __future__ import annotations
+
+import torch
+
+from offramp.modeling import ModelShape
+
+
+def bytes_per_token_per_layer(shape: ModelShape, dtype: torch.dtype) -> int:
+    """K and V of one token in one layer."""
+    return 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
+
+
+def pages_for_budget(shape: ModelShape, dtype: torch.dtype, page_size: int, budget_bytes: int) -> int:
+    per_page = bytes_per_token_per_layer(shape, dtype) * shape.num_layers * page_size
+    return max(1, budget_bytes // per_page)
+
+
+class KVStore:
+    """``num_pages * page_size`` slots per layer; a page id addresses the same slots in every layer.
+
+    Each layer's store is a flat ``[num_slots, kv_heads, head_dim]`` tensor, so that a slot index
+    ``page * page_size + offset`` reads or writes one token's K or V.
+    """
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        num_pages: int,
+        page_size: int,
+        dtype: torch.dtype,
+        devices: list[torch.device] | None = None,
+    ) -> None:
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.dtype = dtype
+        num_slots = num_pages * page_size
+        devices = devices or [torch.device("cpu")] * shape.num_layers
+        self.k = [torch.zeros(num_slots, shape.num_kv_heads, shape.head_dim, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros(num_slots, shape.num_kv_heads, shape.head_dim, dtype=dtype, device=d) for d in devices]
+        self.bytes_per_token_per_layer = bytes_per_token_per_layer(shape, dtype)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

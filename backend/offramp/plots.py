@@ -1,0 +1,33 @@
+"""Charts drawn next to benchmark JSON files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_bench(jsonl: Path) -> Path:
+    """Bar chart of tokens/s per run in a bench JSONL file (HF baseline beside it when present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = [f"{r['engine']} {r['dtype']}\nc={r['concurrency']}" for r in rows]
+    ours = [r["tokens_per_s"] for r in rows]
+    hf = [r.get("hf_tokens_per_s") or 0 for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
+    ax.bar([i - 0.2 for i in x], ours, width=0.4, label="Offramp")
+    if any(hf):
+        ax.bar([i + 0.2 for i in x], hf, width=0.4, label="HF transformers generate")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("offramp bench")
+    ax.legend()
+    fig.tight_layout()
+    png = jsonl.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
