@@ -32,8 +32,8 @@ class AttentionGroup:
     row_end: int
     num_seqs: int
     max_new: int
-    kv_slots: torch.Tensor  # [num_seqs, max_context] long: slots of every visible key (0-padded)
-    mask: torch.Tensor | None  # [num_seqs, 1, max_new, max_context] bool; None = everything visible
+    kv_pages: torch.Tensor  # [num_seqs, max_pages] long: each sequence's page table (0-padded)
+    mask: torch.Tensor | None  # [num_seqs, 1, max_new, max_pages * page_size] bool; None = all visible
 
 
 @dataclass(slots=True)
@@ -43,33 +43,39 @@ class AttentionMetadata:
     cos: torch.Tensor  # [num_tokens, 1, head_dim]
     sin: torch.Tensor  # [num_tokens, 1, head_dim] (signed, see modeling.rope_tables)
     groups: list[AttentionGroup]
+    page_size: int
 
 
-def _seq_slots(s: SeqSlice, page_size: int) -> torch.Tensor:
-    """Slots of positions ``0 .. start + num_new - 1``: [context] long."""
-    pos = torch.arange(s.start + s.num_new)
+def _new_slots(s: SeqSlice, page_size: int) -> torch.Tensor:
+    """Slots where the new tokens' K/V go: [num_new] long."""
+    pos = torch.arange(s.start, s.start + s.num_new)
     table = torch.tensor(s.page_table, dtype=torch.long)
     return table[pos // page_size] * page_size + pos % page_size
 
 
-def _decode_group(seqs: list[SeqSlice], all_slots: list[torch.Tensor], row: int) -> AttentionGroup:
-    lens = [s.start + 1 for s in seqs]
-    max_ctx = max(lens)
-    kv_slots = torch.zeros(len(seqs), max_ctx, dtype=torch.long)
-    for i, slots in enumerate(all_slots):
-        kv_slots[i, : len(slots)] = slots
+def _page_tables(seqs: list[SeqSlice], page_size: int) -> tuple[torch.Tensor, int]:
+    """[num_seqs, max_pages] page ids (0-padded; padding is masked) and the padded context length."""
+    num_pages = [-(-(s.start + s.num_new) // page_size) for s in seqs]
+    pages = torch.zeros(len(seqs), max(num_pages), dtype=torch.long)
+    for i, (s, n) in enumerate(zip(seqs, num_pages)):
+        pages[i, :n] = torch.tensor(s.page_table[:n], dtype=torch.long)
+    return pages, max(num_pages) * page_size
+
+
+def _decode_group(seqs: list[SeqSlice], row: int, page_size: int) -> AttentionGroup:
+    pages, padded_ctx = _page_tables(seqs, page_size)
+    lens = torch.tensor([s.start + 1 for s in seqs])
     mask = None
-    if min(lens) != max_ctx:
-        visible = torch.arange(max_ctx)[None, :] < torch.tensor(lens)[:, None]  # [num_seqs, max_ctx]
-        mask = visible[:, None, None, :]
-    return AttentionGroup(row, row + len(seqs), len(seqs), 1, kv_slots, mask)
+    if bool((lens != padded_ctx).any()):
+        mask = (torch.arange(padded_ctx)[None, :] < lens[:, None])[:, None, None, :]  # [num_seqs, 1, 1, ctx]
+    return AttentionGroup(row, row + len(seqs), len(seqs), 1, pages, mask)
 
 
-def _chunk_group(s: SeqSlice, slots: torch.Tensor, row: int) -> AttentionGroup:
-    ctx = s.start + s.num_new
-    qpos = torch.arange(s.start, ctx)  # query t sits at position start + t and sees keys 0..start + t
-    mask = torch.arange(ctx)[None, :] <= qpos[:, None]  # [num_new, ctx]
-    return AttentionGroup(row, row + s.num_new, 1, s.num_new, slots[None, :], mask[None, None])
+def _chunk_group(s: SeqSlice, row: int, page_size: int) -> AttentionGroup:
+    pages, padded_ctx = _page_tables([s], page_size)
+    qpos = torch.arange(s.start, s.start + s.num_new)  # query t sits at position start + t, sees keys <= it
+    mask = torch.arange(padded_ctx)[None, :] <= qpos[:, None]  # [num_new, ctx]
+    return AttentionGroup(row, row + s.num_new, 1, s.num_new, pages, mask[None, None])
 
 
 def build_metadata(
@@ -79,22 +85,19 @@ def build_metadata(
     groups: list[AttentionGroup] = []
     positions, new_slots = [], []
     decode_run: list[SeqSlice] = []
-    decode_slots: list[torch.Tensor] = []
     row = 0
     for s in seqs + [None]:
         if decode_run and (s is None or s.num_new != 1):
-            groups.append(_decode_group(decode_run, decode_slots, row - len(decode_run)))
-            decode_run, decode_slots = [], []
+            groups.append(_decode_group(decode_run, row - len(decode_run), page_size))
+            decode_run = []
         if s is None:
             break
-        slots = _seq_slots(s, page_size)
         positions.append(torch.arange(s.start, s.start + s.num_new))
-        new_slots.append(slots[s.start :])
+        new_slots.append(_new_slots(s, page_size))
         if s.num_new == 1:
             decode_run.append(s)
-            decode_slots.append(slots)
         else:
-            groups.append(_chunk_group(s, slots, row))
+            groups.append(_chunk_group(s, row, page_size))
         row += s.num_new
     pos = torch.cat(positions)
     return AttentionMetadata(
@@ -103,26 +106,30 @@ def build_metadata(
         cos=cos_table[pos].unsqueeze(1),
         sin=sin_table[pos].unsqueeze(1),
         groups=groups,
+        page_size=page_size,
     )
 
 
 def paged_attention(
     q: torch.Tensor,  # [num_tokens, heads, head_dim] (RoPE applied)
-    k_store: torch.Tensor,  # [num_slots, kv_heads, head_dim]
-    v_store: torch.Tensor,  # [num_slots, kv_heads, head_dim]
+    k_store: torch.Tensor,  # [num_pages * page_size, kv_heads, head_dim]
+    v_store: torch.Tensor,  # [num_pages * page_size, kv_heads, head_dim]
     meta: AttentionMetadata,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequences' cached keys: [num_tokens, heads * head_dim]."""
-    outs = [_group_attention(q[g.row_start : g.row_end], k_store, v_store, g) for g in meta.groups]
+    outs = [_group_attention(q[g.row_start : g.row_end], k_store, v_store, g, meta.page_size) for g in meta.groups]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _group_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
+def _group_attention(
+    q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, g: AttentionGroup, page_size: int
+) -> torch.Tensor:
     _, nh, hd = q.shape
-    b, t, ctx = g.num_seqs, g.max_new, g.kv_slots.shape[1]
-    flat = g.kv_slots.view(-1)
-    k = k_store.index_select(0, flat).view(b, ctx, -1, hd)  # [b, ctx, kv_heads, head_dim]
-    v = v_store.index_select(0, flat).view(b, ctx, -1, hd)
+    b, t = g.num_seqs, g.max_new
+    flat = g.kv_pages.view(-1)
+    # Whole pages are gathered (one row per page, not per token): [b, pages * page_size, kv_heads, head_dim]
+    k = k_store.view(-1, page_size * k_store.shape[1] * hd).index_select(0, flat).view(b, -1, k_store.shape[1], hd)
+    v = v_store.view(-1, page_size * v_store.shape[1] * hd).index_select(0, flat).view(b, -1, v_store.shape[1], hd)
     out = F.scaled_dot_product_attention(
         q.view(b, t, nh, hd).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=g.mask, enable_gqa=True
     )  # [b, heads, t, head_dim]

@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"generate": cmd_generate, "bench": cmd_bench}[args.command](args)
-    except (ModelLoadError, ValueError) as exc:
-        print(f"offramp: error: {exc}", file=sys.stderr)
+    except (ModelLoadError, ValueError, OSError) as exc:
+        print(f"offramp: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

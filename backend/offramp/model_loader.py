@@ -197,9 +197,13 @@ def load_weights(ckpt: Path, dtype: torch.dtype) -> tuple[ModelWeights, object]:
 
 
 def load_tokenizer(ckpt: Path):
-    from transformers import AutoTokenizer
+    """The checkpoint's tokenizer. A ``tokenizer.json`` is loaded as it is: ``AutoTokenizer`` would
+    rebuild some families' tokenizers (e.g. Qwen2's) from their vocabulary and lose what it holds."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
+        if (ckpt / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(ckpt)
         return AutoTokenizer.from_pretrained(ckpt)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer from {ckpt}: {exc}") from exc

@@ -52,7 +52,7 @@ class ModelWeights:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, as Hugging Face's LlamaRMSNorm does."""
+    """RMSNorm as Hugging Face's LlamaRMSNorm computes it (in float32, then back to x's dtype)."""
     if x.dtype == torch.float32:
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     xf = x.float()

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 GREEDY_EPS = 1e-5
 
 

@@ -1,0 +1,93 @@
+"""The ``offramp`` command line: JSON output, bench fields, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from offramp.cli import main
+
+BENCH_FIELDS = {
+    "tokens_per_s",
+    "requests_per_s",
+    "ttft_ms_p50",
+    "tpot_ms_p50",
+    "num_layers",
+    "mean_exit_layer",
+    "concurrency",
+    "engine",
+}
+
+
+def test_generate_json(tiny_models, capsys):
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_models["llama"]),
+            "--prompt",
+            "w1 w2 w3",
+            "--prompt",
+            "w5",
+            "--max-tokens",
+            "6",
+            "--page-size",
+            "4",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    outputs = json.loads(capsys.readouterr().out)["outputs"]
+    assert [o["prompt"] for o in outputs] == ["w1 w2 w3", "w5"]
+    for o in outputs:
+        assert set(o) == {"prompt", "text", "token_ids", "finish_reason", "exit_layers"}
+        assert len(o["token_ids"]) == 6 and o["finish_reason"] == "length"
+        assert o["exit_layers"] == [4] * 6
+
+
+def test_bench_json_and_output_files(tiny_models, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"w{i} w{i + 1}"}) for i in range(5)))
+    out = tmp_path / "bench.jsonl"
+    rc = main(
+        [
+            "bench",
+            "--model",
+            str(tiny_models["qwen2"]),
+            "--prompts-file",
+            str(prompts),
+            "--num-requests",
+            "6",
+            "--concurrency",
+            "3",
+            "--max-tokens",
+            "5",
+            "--json",
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert BENCH_FIELDS <= set(row)
+    assert row["concurrency"] == 3 and row["num_layers"] == 4 and row["mean_exit_layer"] == 4.0
+    assert row["num_output_tokens"] == 30 and row["tokens_per_s"] > 0
+    assert json.loads(out.read_text()) == row
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--model", "/does/not/exist", "--prompt", "x"], "model not found: /does/not/exist"),
+        (["generate", "--prompt", "x", "--temperature", "-1"], "temperature: must be"),
+        (["generate", "--prompt", "x", "--block-size", "0"], "block_size: must be a positive integer"),
+        (["bench", "--prompts-file", "/nope.jsonl"], "No such file"),
+    ],
+)
+def test_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("offramp: error:") and message in err
+    assert "\n" not in err and "Traceback" not in err

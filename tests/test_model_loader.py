@@ -1,0 +1,50 @@
+"""Model resolution and loading: clear one-line errors, GGUF cache reuse, supported families."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from offramp.model_loader import ModelLoadError, default_gguf, load_weights, resolve_model
+
+
+def test_missing_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="model not found"):
+        resolve_model(str(tmp_path / "nope"))
+
+
+def test_file_that_is_not_gguf(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="expected a .gguf"):
+        resolve_model(str(f))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="unsupported model type 'gpt2'"):
+        load_weights(tmp_path, dtype=None)
+
+
+def test_checkpoint_without_weights(tmp_path, tiny_models):
+    (tmp_path / "config.json").write_text((tiny_models["llama"] / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="no .safetensors"):
+        load_weights(tmp_path, dtype=None)
+
+
+@pytest.mark.default_model
+def test_gguf_is_dequantized_once_and_reused(default_checkpoint):
+    assert default_gguf().suffix == ".gguf"
+    stamp = (default_checkpoint / "model.safetensors").stat().st_mtime
+    start = time.perf_counter()
+    again = resolve_model(str(default_gguf()))
+    assert again == default_checkpoint
+    assert (again / "model.safetensors").stat().st_mtime == stamp
+    assert time.perf_counter() - start < 5  # a checksum, not a ~20 s de-quantization
