@@ -22,7 +22,7 @@ class EngineConfig:
     block_boundaries: tuple[int, ...] | None = None  # explicit layer indices where blocks start
     page_size: int = 16  # tokens per KV page
     num_pages: int | None = None  # KV budget in pages; None derives it from kv_budget_bytes
-    kv_budget_bytes: int = 256 * 1024 * 1024
+    kv_budget_bytes: int = 512 * 1024 * 1024
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # defaults to the model's context length
