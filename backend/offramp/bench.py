@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from offramp.engine import LLMEngine
+from offramp.runner import RunnerStats
 from offramp.sampling import SamplingParams
 from offramp.sequence import Sequence
 
@@ -40,11 +41,17 @@ def _p50(values: list[float]) -> float | None:
 
 
 def run_engine(
-    engine: LLMEngine, prompt_ids: list[list[int]], concurrency: int, max_tokens: int, progress: bool = True
+    engine: LLMEngine,
+    prompt_ids: list[list[int]],
+    concurrency: int,
+    max_tokens: int,
+    progress: bool = True,
+    params: SamplingParams | None = None,
 ) -> tuple[dict, list[list[int]]]:
     """Keep ``concurrency`` requests in flight until all are done. Returns metrics and outputs."""
-    params = SamplingParams(max_tokens=max_tokens)
+    params = params or SamplingParams(max_tokens=max_tokens)
     engine.generate([prompt_ids[0][:8]], SamplingParams(max_tokens=4))  # warm-up
+    engine.runner.stats = RunnerStats()
     pending = list(enumerate(prompt_ids))
     done: dict[int, Sequence] = {}
     inflight: dict[str, int] = {}
@@ -64,6 +71,7 @@ def run_engine(
     seqs = [done[i] for i in range(len(prompt_ids))]
     num_tokens = sum(len(s.output_token_ids) for s in seqs)
     exits = [d for s in seqs for d in s.exit_layers]
+    stats = engine.runner.stats
     ttft = [s.first_token_time - s.arrival_time for s in seqs if s.first_token_time]
     tpot = [
         (s.finish_time - s.first_token_time) / (len(s.output_token_ids) - 1)
@@ -77,6 +85,10 @@ def run_engine(
         "tpot_ms_p50": _p50(tpot),
         "num_layers": engine.num_layers,
         "mean_exit_layer": round(sum(exits) / len(exits), 3) if exits else None,
+        "exit_rate": round(sum(d < engine.num_layers for d in exits) / len(exits), 4) if exits else None,
+        "layers_saved_frac": round(1 - sum(exits) / (len(exits) * engine.num_layers), 4) if exits else None,
+        "check_cost_frac": round(stats.check_s / wall, 4),
+        "kv_fill_cost_frac": round(stats.fill_s / wall, 4),
         "num_output_tokens": num_tokens,
         "num_preemptions": sum(s.num_preemptions for s in seqs),
         "wall_s": round(wall, 3),
@@ -128,6 +140,27 @@ def run_hf(
     return {"hf_tokens_per_s": round(num_tokens / wall, 2), "hf_wall_s": round(wall, 3)}, outputs
 
 
+def quality_vs_full_depth(
+    engine: LLMEngine,
+    prompt_ids: list[list[int]],
+    outputs: list[list[int]],
+    concurrency: int,
+    max_tokens: int,
+    progress: bool,
+) -> dict:
+    """After the timed run: teacher-forced token agreement with the full model, and the share of
+    outputs identical to a full-depth greedy run of the same prompts."""
+    agree = [ok for p, o in zip(prompt_ids, outputs) for ok in engine.teacher_forced_agreement(p, o)]
+    full = SamplingParams(max_tokens=max_tokens, exit_policy="none")
+    metrics, full_outputs = run_engine(engine, prompt_ids, concurrency, max_tokens, progress, params=full)
+    same = sum(a == b for a, b in zip(outputs, full_outputs))
+    return {
+        "token_agreement": round(sum(agree) / len(agree), 4) if agree else None,
+        "sequence_match": round(same / len(outputs), 4),
+        "full_depth_tokens_per_s": metrics["tokens_per_s"],
+    }
+
+
 def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
     for i, t in enumerate(tokens):
         if t in eos_ids:
@@ -147,6 +180,7 @@ def bench(
     """One JSON-able result line: the engine's figures, and HF's when asked, measured back to back."""
     prompt_ids = [engine.encode(prompts[i % len(prompts)]) for i in range(num_requests)]
     metrics, outputs = run_engine(engine, prompt_ids, concurrency, max_tokens, progress)
+    cfg = engine.config
     result = {
         "engine": engine.config.engine,
         "model": engine.config.model,
@@ -156,8 +190,14 @@ def bench(
         "num_requests": num_requests,
         "max_tokens": max_tokens,
         "num_threads": torch.get_num_threads(),
+        "exit_policy": cfg.exit_policy,
+        "exit_threshold": cfg.exit_threshold if cfg.exit_policy != "none" else None,
+        "min_exit_layer": cfg.min_exit_layer,
+        "kv_fill": cfg.kv_fill,
         **metrics,
     }
+    if cfg.exit_policy != "none":
+        result.update(quality_vs_full_depth(engine, prompt_ids, outputs, concurrency, max_tokens, progress))
     if compare_hf:
         hf_metrics, hf_outputs = run_hf(
             engine.checkpoint, engine.dtype, prompt_ids, concurrency, max_tokens, engine.eos_ids, progress

@@ -8,7 +8,7 @@ import torch
 
 from offramp.attention import AttentionMetadata
 from offramp.kv_store import KVStore
-from offramp.modeling import ModelWeights, decoder_layer
+from offramp.modeling import ModelWeights, decoder_layer, project_kv
 
 
 class BlockEngine(ABC):
@@ -34,6 +34,17 @@ class BlockEngine(ABC):
     ) -> torch.Tensor:  # [num_tokens, hidden]
         """Run every layer of block ``block_idx`` on ``hidden`` (the tokens ``meta`` describes)."""
 
+    @abstractmethod
+    def propagate_kv(
+        self,
+        hidden: torch.Tensor,  # [n, hidden] exit hidden states of tokens that left early
+        cos: torch.Tensor,  # [n, 1, head_dim]
+        sin: torch.Tensor,  # [n, 1, head_dim]
+        slots: torch.Tensor,  # [n] long
+        from_layer: int,
+    ) -> None:
+        """Fill K/V of layers ``from_layer ..`` for exited tokens from their exit hidden state (CALM)."""
+
 
 class TorchBlockEngine(BlockEngine):
     """The PyTorch reference implementation; every other engine is checked against it."""
@@ -52,3 +63,11 @@ class TorchBlockEngine(BlockEngine):
                 self.weights.layers[layer], hidden, meta, self.kv.k[layer], self.kv.v[layer], self.weights.shape
             )
         return hidden
+
+    def propagate_kv(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, from_layer: int
+    ) -> None:
+        for layer in range(from_layer, self.weights.shape.num_layers):
+            k, v = project_kv(self.weights.layers[layer], hidden, cos, sin, self.weights.shape)
+            self.kv.k[layer].index_copy_(0, slots, k)
+            self.kv.v[layer].index_copy_(0, slots, v)

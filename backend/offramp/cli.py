@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from offramp.config import DTYPES, EngineConfig
+from offramp.config import DTYPES, EXIT_POLICIES, KV_FILLS, EngineConfig
 from offramp.model_loader import ModelLoadError
 from offramp.sampling import SamplingParams
 
@@ -25,6 +25,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=1024)
     g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
     g.add_argument("--raw", action="store_true", help="send prompts as raw text, without the chat template")
+    e = p.add_argument_group("early exit")
+    e.add_argument("--exit-policy", default="none", choices=EXIT_POLICIES)
+    e.add_argument("--exit-threshold", type=float, default=0.9, help="softmax: top-1 prob; similarity: cosine")
+    e.add_argument("--min-exit-layer", type=int, default=1, help="no token leaves before this many layers")
+    e.add_argument(
+        "--exit-points", default=None, help="comma-separated layer depths (block ends) where tokens may leave"
+    )
+    e.add_argument("--kv-fill", default="propagate", choices=KV_FILLS, help="K/V of skipped layers")
+    e.add_argument("--exit-classifier", default=None, help="safetensors file for --exit-policy classifier")
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:
@@ -40,7 +49,22 @@ def _config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads=args.num_threads,
         use_chat_template=not args.raw,
+        exit_policy=args.exit_policy,
+        exit_threshold=args.exit_threshold,
+        min_exit_layer=args.min_exit_layer,
+        exit_points=_int_list("exit-points", args.exit_points),
+        kv_fill=args.kv_fill,
+        exit_classifier=args.exit_classifier,
     )
+
+
+def _int_list(name: str, text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

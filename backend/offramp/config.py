@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16")
 ENGINES = ("torch",)
+EXIT_POLICIES = ("none", "softmax", "similarity", "classifier")
+KV_FILLS = ("propagate",)
 
 
 @dataclass(slots=True)
@@ -30,6 +32,12 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     use_chat_template: bool = True
     seed: int = 0
+    exit_policy: str = "none"  # server default; requests may choose their own
+    exit_threshold: float = 0.9
+    exit_points: tuple[int, ...] | None = None  # layer depths where tokens may leave; None = every block end
+    min_exit_layer: int = 1
+    kv_fill: str = "propagate"  # how skipped layers get their K/V
+    exit_classifier: str | None = None  # safetensors file for the classifier policy
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -50,11 +58,33 @@ class EngineConfig:
             _positive("max_model_len", self.max_model_len)
         if self.num_threads is not None:
             _positive("num_threads", self.num_threads)
+        if self.exit_policy not in EXIT_POLICIES:
+            raise ValueError(f"exit_policy: {self.exit_policy!r} is not one of {', '.join(EXIT_POLICIES)}")
+        if self.kv_fill not in KV_FILLS:
+            raise ValueError(f"kv_fill: {self.kv_fill!r} is not one of {', '.join(KV_FILLS)}")
+        if isinstance(self.exit_threshold, bool) or not isinstance(self.exit_threshold, (int, float)):
+            raise ValueError(f"exit_threshold: must be a number, got {self.exit_threshold!r}")
+        _positive("min_exit_layer", self.min_exit_layer)
+        if self.exit_points is not None:
+            points = tuple(self.exit_points)
+            if not points or any(isinstance(p, bool) or not isinstance(p, int) or p <= 0 for p in points):
+                raise ValueError("exit_points: must be positive layer depths, e.g. (10, 20)")
+            self.exit_points = tuple(sorted(set(points)))
         if self.block_boundaries is not None:
             bounds = tuple(self.block_boundaries)
             if not bounds or bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):
                 raise ValueError("block_boundaries: must start at 0 and be strictly increasing, e.g. (0, 10, 20)")
             self.block_boundaries = bounds
+
+    def exit_depths(self, num_layers: int) -> set[int]:
+        """Depths (layers run) after which a token may leave: block ends, filtered by the config."""
+        ends = {end for _, end in self.block_ranges(num_layers)}
+        if self.exit_points is not None:
+            missing = [p for p in self.exit_points if p not in ends]
+            if missing:
+                raise ValueError(f"exit_points: {missing} are not block ends ({sorted(ends)})")
+            ends = set(self.exit_points)
+        return {d for d in ends if self.min_exit_layer <= d < num_layers}
 
     def block_ranges(self, num_layers: int) -> list[tuple[int, int]]:
         """Half-open layer ranges ``[start, end)`` of each block."""

@@ -56,7 +56,7 @@ class LLMEngine:
         self.pages = PageManager(num_pages, config.page_size)
         self.block_ranges = config.block_ranges(shape.num_layers)
         self.blocks = TorchBlockEngine(self.weights, self.kv, self.block_ranges)
-        self.runner = ModelRunner(self.weights, self.blocks, self.pages, self.max_model_len)
+        self.runner = ModelRunner(self.weights, self.blocks, self.pages, config, self.max_model_len)
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
         self._generators: dict[int, torch.Generator] = {}
         self._seed_counter = itertools.count(config.seed)
@@ -165,6 +165,21 @@ class LLMEngine:
         seq.finish_time = time.perf_counter()
         self._generators.pop(seq.seq_id, None)
         self._seqs.pop(seq.request_id, None)
+
+    def teacher_forced_agreement(self, prompt_ids: list[int], output_ids: list[int]) -> list[bool]:
+        """For each generated token: would the full model, given the same prefix, pick it too?"""
+        if not output_ids:
+            return []
+        tokens = list(prompt_ids) + list(output_ids[:-1])
+        owner = -next(self._seed_counter) - 1  # a page-table id no sequence uses
+        if not self.pages.can_allocate(owner, len(tokens)):
+            raise ValueError("teacher forcing: not enough free KV pages; run it when the engine is idle")
+        self.pages.allocate(owner, len(tokens))
+        try:
+            picks = self.runner.full_depth_argmax(tokens, self.pages.page_table(owner), len(prompt_ids) - 1)
+        finally:
+            self.pages.free(owner)
+        return [a == b for a, b in zip(picks, output_ids)]
 
     def output_of(self, seq: Sequence, prompt: str | None = None) -> RequestOutput:
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)

@@ -104,6 +104,21 @@ def decoder_layer(
     return x + F.linear(F.silu(gate) * up, w.down)
 
 
+def project_kv(
+    w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape: ModelShape
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (RoPE applied) and V that layer ``w`` would store for input ``x``, without running the layer.
+
+    x: [n, hidden]; cos/sin: [n, 1, head_dim]. Returns two [n, kv_heads, head_dim] tensors.
+    """
+    n = x.shape[0]
+    nh, nkv, hd = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    h = rms_norm(x, w.input_norm, shape.rms_norm_eps)
+    bias = None if w.qkv_bias is None else w.qkv_bias[nh * hd :]
+    k, v = F.linear(h, w.qkv[nh * hd :], bias).split((nkv * hd, nkv * hd), dim=-1)
+    return apply_rope(k.view(n, nkv, hd), cos, sin), v.view(n, nkv, hd)
+
+
 def final_logits(weights: ModelWeights, x: torch.Tensor) -> torch.Tensor:
     """[num_rows, hidden] -> [num_rows, vocab] in float32."""
     h = rms_norm(x, weights.final_norm, weights.shape.rms_norm_eps)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from offramp.config import EXIT_POLICIES
+
 GREEDY_EPS = 1e-5
 
 
@@ -25,6 +27,8 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    exit_policy: str | None = None  # None = the server's default
+    exit_threshold: float | None = None  # None = the server's default
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -39,6 +43,12 @@ class SamplingParams:
             raise ValueError(f"top_k: must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        if self.exit_policy is not None and self.exit_policy not in EXIT_POLICIES:
+            raise ValueError(f"exit_policy: {self.exit_policy!r} is not one of {', '.join(EXIT_POLICIES)}")
+        if self.exit_threshold is not None and (
+            not _is_number(self.exit_threshold) or not math.isfinite(self.exit_threshold)
+        ):
+            raise ValueError(f"exit_threshold: must be a finite number, got {self.exit_threshold!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):

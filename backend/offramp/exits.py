@@ -1,0 +1,137 @@
+"""Exit heads (hidden state -> logits) and exit policies (may this token leave here?).
+
+A policy looks at the sub-batch of tokens still running after a block and returns which of them
+leave. Tokens that are never confident run to full depth (the fallback).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from offramp.config import EXIT_POLICIES
+from offramp.modeling import ModelWeights, final_logits
+
+
+class ExitHead(ABC):
+    """Turns the hidden state after ``layer`` layers into vocabulary logits."""
+
+    name: str
+
+    @abstractmethod
+    def logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:  # [n, hidden] -> [n, vocab] f32
+        ...
+
+
+class IdentityHead(ExitHead):
+    """The model's own final norm and LM head applied to an intermediate layer."""
+
+    name = "identity"
+
+    def __init__(self, weights: ModelWeights) -> None:
+        self.weights = weights
+
+    def logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        return final_logits(self.weights, hidden)
+
+
+@dataclass(slots=True)
+class ExitCheck:
+    """What a policy sees for the tokens still running after a block."""
+
+    hidden: torch.Tensor  # [n, hidden] after the block
+    hidden_before: torch.Tensor  # [n, hidden] before the block
+    layer: int  # layers run so far
+    thresholds: torch.Tensor  # [n] float32, per request
+    head: ExitHead
+
+
+@dataclass(slots=True)
+class ExitDecision:
+    leave: torch.Tensor  # [n] bool
+    logits: torch.Tensor | None = None  # [n, vocab] when the policy already computed them
+
+
+class ExitPolicy(ABC):
+    name: str
+
+    @abstractmethod
+    def decide(self, check: ExitCheck) -> ExitDecision: ...
+
+
+class NoExit(ExitPolicy):
+    """Full depth for every token."""
+
+    name = "none"
+
+    def decide(self, check: ExitCheck) -> ExitDecision:
+        return ExitDecision(torch.zeros(check.hidden.shape[0], dtype=torch.bool))
+
+
+class SoftmaxExit(ExitPolicy):
+    """Softmax response: the head's top-1 probability (or top-1 minus top-2 margin) >= threshold."""
+
+    name = "softmax"
+
+    def __init__(self, margin: bool = False) -> None:
+        self.margin = margin
+
+    def decide(self, check: ExitCheck) -> ExitDecision:
+        logits = check.head.logits(check.hidden, check.layer)  # [n, vocab]
+        top = logits.softmax(-1).topk(2, dim=-1).values  # [n, 2]
+        score = top[:, 0] - top[:, 1] if self.margin else top[:, 0]
+        return ExitDecision(score >= check.thresholds, logits)
+
+
+class SimilarityExit(ExitPolicy):
+    """Hidden-state saturation: cosine(hidden before the block, hidden after) >= threshold."""
+
+    name = "similarity"
+
+    def decide(self, check: ExitCheck) -> ExitDecision:
+        cos = F.cosine_similarity(check.hidden.float(), check.hidden_before.float(), dim=-1)  # [n]
+        return ExitDecision(cos >= check.thresholds)
+
+
+class ClassifierExit(ExitPolicy):
+    """A learned linear classifier per exit layer: sigmoid(w . norm(h) + b) >= threshold.
+
+    Weights come from a safetensors file with ``weight.<layer>`` ([hidden]) and ``bias.<layer>``
+    ([1]) for each exit layer (written by ``offramp calibrate``).
+    """
+
+    name = "classifier"
+
+    def __init__(self, path: Path, dtype: torch.dtype) -> None:
+        from safetensors.torch import load_file
+
+        if not Path(path).is_file():
+            raise ValueError(f"exit_classifier: no classifier file at {path} (run offramp calibrate)")
+        tensors = load_file(str(path))
+        self.weight = {int(k.split(".")[1]): v.float() for k, v in tensors.items() if k.startswith("weight.")}
+        self.bias = {int(k.split(".")[1]): v.float() for k, v in tensors.items() if k.startswith("bias.")}
+
+    def decide(self, check: ExitCheck) -> ExitDecision:
+        if check.layer not in self.weight:
+            return ExitDecision(torch.zeros(check.hidden.shape[0], dtype=torch.bool))
+        h = F.layer_norm(check.hidden.float(), check.hidden.shape[-1:])
+        prob = torch.sigmoid(h @ self.weight[check.layer] + self.bias[check.layer])  # [n]
+        return ExitDecision(prob >= check.thresholds)
+
+
+def make_policy(name: str, classifier_path: Path | None = None, dtype: torch.dtype = torch.float32) -> ExitPolicy:
+    if name == "none":
+        return NoExit()
+    if name == "softmax":
+        return SoftmaxExit()
+    if name == "similarity":
+        return SimilarityExit()
+    if name == "classifier":
+        if classifier_path is None:
+            raise ValueError("exit_policy: 'classifier' needs a trained classifier file (exit_classifier)")
+        return ClassifierExit(classifier_path, dtype)
+    raise ValueError(f"exit_policy: {name!r} is not one of {', '.join(EXIT_POLICIES)}")

@@ -1,0 +1,155 @@
+"""Early exit in the engine: policies, forced exits under batching, KV propagation for skipped layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from offramp import EngineConfig, SamplingParams
+from offramp.engine import LLMEngine
+from offramp.exits import ClassifierExit, ExitCheck, IdentityHead, SimilarityExit, SoftmaxExit, make_policy
+
+PROMPTS = [[3, 4, 5], [7, 8, 9, 10, 11, 12], [20, 21] * 8, [40]]
+MAX_NEW = 16
+
+
+def _engine(tiny_models, **kwargs) -> LLMEngine:
+    kwargs.setdefault("block_size", 1)
+    return LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4, **kwargs))
+
+
+def _forced(min_layer: int) -> SamplingParams:
+    # Cosine similarity is always >= -1: every decode token leaves at the first exit point it reaches.
+    return SamplingParams(max_tokens=MAX_NEW, exit_policy="similarity", exit_threshold=-1.0)
+
+
+def test_threshold_never_met_is_identical_to_full_depth(tiny_models):
+    engine = _engine(tiny_models)
+    full = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW))
+    never = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, exit_policy="softmax", exit_threshold=1.01))
+    assert [o.token_ids for o in never] == [o.token_ids for o in full]
+    assert all(o.exit_layers == [4] * MAX_NEW for o in never)
+
+
+@pytest.mark.parametrize("min_exit_layer", [1, 2, 3])
+def test_forced_exits_are_honoured_and_batching_does_not_change_them(tiny_models, min_exit_layer):
+    batched = _engine(tiny_models, min_exit_layer=min_exit_layer)
+    outs = batched.generate(PROMPTS, _forced(min_exit_layer))
+    single = _engine(tiny_models, min_exit_layer=min_exit_layer, max_num_seqs=1)
+    for prompt, out in zip(PROMPTS, outs):
+        # The first token comes from the prompt's prefill, which always runs full depth.
+        assert out.exit_layers == [4] + [min_exit_layer] * (MAX_NEW - 1)
+        assert single.generate([prompt], _forced(min_exit_layer))[0].token_ids == out.token_ids
+    full = batched.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW))
+    assert any(o.token_ids != f.token_ids for o, f in zip(outs, full)), "exits at layer 1-3 changed nothing"
+    batched.pages.check_invariants()
+    assert batched.pages.num_used_pages == 0
+
+
+def test_exit_points_and_min_exit_layer_select_depths(tiny_models):
+    engine = _engine(tiny_models, exit_points=(3,))
+    out = engine.generate([PROMPTS[1]], _forced(3))[0]
+    assert out.exit_layers == [4] + [3] * (MAX_NEW - 1)
+    with pytest.raises(ValueError, match="exit_points"):
+        _engine(tiny_models, block_size=2, exit_points=(3,))
+
+
+def test_per_request_policy_in_one_batch(tiny_models):
+    engine = _engine(tiny_models, min_exit_layer=2)
+    params = [_forced(2), SamplingParams(max_tokens=MAX_NEW), _forced(2), SamplingParams(max_tokens=MAX_NEW)]
+    outs = engine.generate(PROMPTS, params)
+    assert outs[0].exit_layers[1:] == [2] * (MAX_NEW - 1) and outs[2].exit_layers[1:] == [2] * (MAX_NEW - 1)
+    assert outs[1].exit_layers == [4] * MAX_NEW and outs[3].exit_layers == [4] * MAX_NEW
+    alone = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=MAX_NEW))[0]
+    assert outs[1].token_ids == alone.token_ids  # a neighbour's exits do not touch a full-depth request
+
+
+def test_propagated_kv_is_the_projection_of_the_exit_hidden_state(tiny_models):
+    """After a forced exit at depth 2, layers 2 and 3 hold K/V projected from the layer-2 hidden state."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    depth = 2
+    engine = _engine(tiny_models, min_exit_layer=depth)
+    prompt = PROMPTS[1]
+    seq = engine.add_request("kv", prompt, SamplingParams(max_tokens=3, exit_policy="similarity", exit_threshold=-1.0))
+    engine.step()  # prefill: first token at full depth
+    first = seq.output_token_ids[0]
+    engine.step()  # decode of `first`: leaves at depth 2, its K/V for layers 2-3 are propagated
+    assert seq.exit_layers == [4, depth]
+    pos = len(prompt)  # position of `first`
+    page = engine.pages.page_table(seq.seq_id)[pos // 4]
+    slot = page * 4 + pos % 4
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    ids = torch.tensor([prompt + [first]])
+    with torch.inference_mode():
+        hidden = hf(ids, output_hidden_states=True).hidden_states[depth][0, -1]  # [hidden], exact: prompt KV is exact
+        position = torch.tensor([[pos]])
+        cos, sin = hf.model.rotary_emb(hidden[None, None], position)
+        for layer in range(depth, 4):
+            attn = hf.model.layers[layer].self_attn
+            h = hf.model.layers[layer].input_layernorm(hidden[None, None])
+            k = attn.k_proj(h).view(1, 1, -1, 16).transpose(1, 2)  # [1, kv_heads, 1, head_dim]
+            v = attn.v_proj(h).view(-1, 16)
+            _, k = apply_rotary_pos_emb(k, k, cos, sin)
+            torch.testing.assert_close(engine.kv.k[layer][slot], k[0, :, 0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(engine.kv.v[layer][slot], v, rtol=1e-5, atol=1e-5)
+    while engine.has_work:
+        engine.step()
+
+
+def _check(n: int = 4, hidden: int = 8, thresholds: float = 0.5) -> ExitCheck:
+    torch.manual_seed(0)
+    return ExitCheck(
+        hidden=torch.randn(n, hidden),
+        hidden_before=torch.randn(n, hidden),
+        layer=2,
+        thresholds=torch.full((n,), thresholds),
+        head=None,
+    )
+
+
+def test_similarity_policy_compares_cosine_with_threshold():
+    check = _check()
+    check.hidden_before[0] = check.hidden[0] * 3  # cosine 1
+    check.hidden_before[1] = -check.hidden[1]  # cosine -1
+    leave = SimilarityExit().decide(check).leave
+    assert leave[0] and not leave[1]
+
+
+def test_softmax_policy_uses_top1_probability(tiny_models):
+    engine = _engine(tiny_models)
+    check = _check(hidden=64)
+    check.head = IdentityHead(engine.weights)
+    probs = check.head.logits(check.hidden, 2).softmax(-1).max(-1).values
+    check.thresholds = probs.clone()
+    check.thresholds[0] += 1e-3
+    decision = SoftmaxExit().decide(check)
+    assert decision.leave.tolist() == [False, True, True, True]
+    assert decision.logits.shape == (4, 121)
+
+
+def test_classifier_policy_reads_its_file(tmp_path):
+    path = tmp_path / "classifier.safetensors"
+    save_file({"weight.2": torch.linspace(-1, 1, 8), "bias.2": torch.tensor([0.0])}, str(path))
+    policy = ClassifierExit(path, torch.float32)
+    check = _check()
+    check.hidden[0] = torch.arange(8.0)  # aligned with the weight -> prob > 0.5
+    check.hidden[1] = -torch.arange(8.0)
+    leave = policy.decide(check).leave
+    assert leave[0] and not leave[1]
+    check.layer = 3  # no classifier for this depth: nobody leaves
+    assert not policy.decide(check).leave.any()
+
+
+def test_unknown_policy_and_missing_classifier():
+    with pytest.raises(ValueError, match="exit_policy: 'fast'"):
+        make_policy("fast")
+    with pytest.raises(ValueError, match="exit_policy: 'classifier' needs"):
+        make_policy("classifier")
+    with pytest.raises(ValueError, match="exit_policy"):
+        SamplingParams(exit_policy="fast")
+    with pytest.raises(ValueError, match="exit_threshold"):
+        SamplingParams(exit_threshold=float("nan"))
