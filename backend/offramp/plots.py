@@ -6,6 +6,13 @@ import json
 from pathlib import Path
 
 
+def _label(row: dict) -> str:
+    label = f"{row['engine']} {row['dtype']}\nc={row['concurrency']}"
+    if row.get("exit_policy", "none") != "none":
+        label += f"\n{row['exit_policy']} {row['exit_threshold']}"
+    return label
+
+
 def plot_bench(jsonl: Path) -> Path:
     """Bar chart of tokens/s per run in a bench JSONL file (HF baseline beside it when present)."""
     import matplotlib
@@ -14,14 +21,17 @@ def plot_bench(jsonl: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
-    labels = [f"{r['engine']} {r['dtype']}\nc={r['concurrency']}" for r in rows]
+    labels = [_label(r) for r in rows]
     ours = [r["tokens_per_s"] for r in rows]
     hf = [r.get("hf_tokens_per_s") or 0 for r in rows]
+    full = [r.get("full_depth_tokens_per_s") or 0 for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
     ax.bar([i - 0.2 for i in x], ours, width=0.4, label="Offramp")
     if any(hf):
         ax.bar([i + 0.2 for i in x], hf, width=0.4, label="HF transformers generate")
+    elif any(full):
+        ax.bar([i + 0.2 for i in x], full, width=0.4, label="Offramp, full depth (same run)")
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("generated tokens / s")
     ax.set_title("offramp bench")
