@@ -153,3 +153,26 @@ def test_unknown_policy_and_missing_classifier():
         SamplingParams(exit_policy="fast")
     with pytest.raises(ValueError, match="exit_threshold"):
         SamplingParams(exit_threshold=float("nan"))
+
+
+def test_gate_that_passes_everyone_equals_plain_softmax(tiny_models):
+    params = SamplingParams(max_tokens=MAX_NEW, exit_policy="softmax", exit_threshold=0.05)
+    plain = _engine(tiny_models).generate(PROMPTS, params)
+    gated = _engine(tiny_models, exit_gate="similarity", exit_gate_threshold=-1.0).generate(PROMPTS, params)
+    assert [o.exit_layers for o in gated] == [o.exit_layers for o in plain]
+    assert [o.token_ids for o in gated] == [o.token_ids for o in plain]
+    assert any(d < 4 for o in plain for d in o.exit_layers), "threshold 0.05 should let some tokens leave"
+
+
+def test_gate_that_passes_nobody_skips_the_softmax_check(tiny_models):
+    params = SamplingParams(max_tokens=MAX_NEW, exit_policy="softmax", exit_threshold=0.0)
+    engine = _engine(tiny_models, exit_gate="similarity", exit_gate_threshold=1.01)
+    calls = []
+    engine.runner.head.logits = lambda h, layer: (
+        calls.append(layer) or IdentityHead.logits(engine.runner.head, h, layer)
+    )
+    outs = engine.generate(PROMPTS, params)
+    assert all(o.exit_layers == [4] * MAX_NEW for o in outs)
+    assert calls == []  # the expensive check never ran
+    with pytest.raises(ValueError, match="exit_gate"):
+        EngineConfig(exit_gate="softmax")

@@ -34,6 +34,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
     e.add_argument("--kv-fill", default="propagate", choices=KV_FILLS, help="K/V of skipped layers")
     e.add_argument("--exit-classifier", default=None, help="safetensors file for --exit-policy classifier")
+    e.add_argument(
+        "--exit-gate",
+        default=None,
+        choices=["similarity", "classifier"],
+        help="cheap gate before the softmax check: softmax runs only where the gate passes",
+    )
+    e.add_argument("--exit-gate-threshold", type=float, default=0.95)
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:
@@ -55,6 +62,8 @@ def _config(args: argparse.Namespace) -> EngineConfig:
         exit_points=_int_list("exit-points", args.exit_points),
         kv_fill=args.kv_fill,
         exit_classifier=args.exit_classifier,
+        exit_gate=args.exit_gate,
+        exit_gate_threshold=args.exit_gate_threshold,
     )
 
 

@@ -38,6 +38,8 @@ class EngineConfig:
     min_exit_layer: int = 1
     kv_fill: str = "propagate"  # how skipped layers get their K/V
     exit_classifier: str | None = None  # safetensors file for the classifier policy
+    exit_gate: str | None = None  # cheap gate before the softmax check: similarity | classifier
+    exit_gate_threshold: float = 0.95
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -60,6 +62,10 @@ class EngineConfig:
             _positive("num_threads", self.num_threads)
         if self.exit_policy not in EXIT_POLICIES:
             raise ValueError(f"exit_policy: {self.exit_policy!r} is not one of {', '.join(EXIT_POLICIES)}")
+        if self.exit_gate not in (None, "similarity", "classifier"):
+            raise ValueError(f"exit_gate: {self.exit_gate!r} is not one of similarity, classifier")
+        if isinstance(self.exit_gate_threshold, bool) or not isinstance(self.exit_gate_threshold, (int, float)):
+            raise ValueError(f"exit_gate_threshold: must be a number, got {self.exit_gate_threshold!r}")
         if self.kv_fill not in KV_FILLS:
             raise ValueError(f"kv_fill: {self.kv_fill!r} is not one of {', '.join(KV_FILLS)}")
         if isinstance(self.exit_threshold, bool) or not isinstance(self.exit_threshold, (int, float)):

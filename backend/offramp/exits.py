@@ -53,7 +53,15 @@ class ExitCheck:
 @dataclass(slots=True)
 class ExitDecision:
     leave: torch.Tensor  # [n] bool
-    logits: torch.Tensor | None = None  # [n, vocab] when the policy already computed them
+    logits: torch.Tensor | None = None  # [len(logit_rows) or n, vocab] when the policy computed them
+    logit_rows: list[int] | None = None  # which rows ``logits`` belong to; None = all rows
+
+    def row_logits(self, row: int) -> torch.Tensor | None:
+        if self.logits is None:
+            return None
+        if self.logit_rows is None:
+            return self.logits[row]
+        return self.logits[self.logit_rows.index(row)] if row in self.logit_rows else None
 
 
 class ExitPolicy(ABC):
@@ -121,6 +129,29 @@ class ClassifierExit(ExitPolicy):
         h = F.layer_norm(check.hidden.float(), check.hidden.shape[-1:])
         prob = torch.sigmoid(h @ self.weight[check.layer] + self.bias[check.layer])  # [n]
         return ExitDecision(prob >= check.thresholds)
+
+
+class GatedExit(ExitPolicy):
+    """Two-stage check: a cheap gate (similarity or classifier) picks candidates, and only those pay
+    for the expensive confirmation (full-vocabulary softmax) at the request's threshold."""
+
+    def __init__(self, gate: ExitPolicy, gate_threshold: float, confirm: ExitPolicy) -> None:
+        self.gate, self.gate_threshold, self.confirm = gate, gate_threshold, confirm
+        self.name = f"{gate.name}+{confirm.name}"
+
+    def decide(self, check: ExitCheck) -> ExitDecision:
+        n = check.hidden.shape[0]
+        gate_check = ExitCheck(
+            check.hidden, check.hidden_before, check.layer, torch.full((n,), self.gate_threshold), check.head
+        )
+        rows = self.gate.decide(gate_check).leave.nonzero().flatten()
+        leave = torch.zeros(n, dtype=torch.bool)
+        if rows.numel() == 0:
+            return ExitDecision(leave)
+        sub = ExitCheck(check.hidden[rows], check.hidden_before[rows], check.layer, check.thresholds[rows], check.head)
+        decision = self.confirm.decide(sub)
+        leave[rows] = decision.leave
+        return ExitDecision(leave, decision.logits, rows.tolist() if decision.logits is not None else None)
 
 
 def make_policy(name: str, classifier_path: Path | None = None, dtype: torch.dtype = torch.float32) -> ExitPolicy:

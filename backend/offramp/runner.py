@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from offramp.attention import SeqSlice, build_metadata
 from offramp.block_engine import BlockEngine
 from offramp.config import EngineConfig
-from offramp.exits import ExitCheck, ExitHead, ExitPolicy, IdentityHead, make_policy
+from offramp.exits import ExitCheck, ExitHead, ExitPolicy, GatedExit, IdentityHead, make_policy
 from offramp.modeling import ModelWeights, final_logits, rope_tables
 from offramp.page_manager import PageManager
 from offramp.sampling import Sampler
@@ -64,8 +64,12 @@ class ModelRunner:
 
     def policy(self, name: str) -> ExitPolicy:
         if name not in self._policies:
-            path = self.config.exit_classifier
-            self._policies[name] = make_policy(name, None if path is None else Path(path))
+            path = None if self.config.exit_classifier is None else Path(self.config.exit_classifier)
+            policy = make_policy(name, path)
+            if self.config.exit_gate is not None and name == "softmax":
+                gate = make_policy(self.config.exit_gate, path)
+                policy = GatedExit(gate, self.config.exit_gate_threshold, policy)
+            self._policies[name] = policy
         return self._policies[name]
 
     def _policy_name(self, item: ScheduledSeq) -> str:
@@ -189,7 +193,7 @@ class ModelRunner:
             decision = self.policy(name).decide(ExitCheck(hidden[idx], before[idx], depth, thresholds, self.head))
             for j in decision.leave.nonzero().flatten().tolist():
                 r = group[j]
-                logits = None if decision.logits is None else decision.logits[j]
+                logits = decision.row_logits(j)
                 exited[active[r]] = (depth, hidden[r], logits)
                 leave_rows.append(r)
         return sorted(leave_rows)
