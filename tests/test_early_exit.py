@@ -176,3 +176,70 @@ def test_gate_that_passes_nobody_skips_the_softmax_check(tiny_models):
     assert calls == []  # the expensive check never ran
     with pytest.raises(ValueError, match="exit_gate"):
         EngineConfig(exit_gate="softmax")
+
+
+def _slot(engine: LLMEngine, seq, pos: int) -> int:
+    return engine.pages.page_table(seq.seq_id)[pos // 4] * 4 + pos % 4
+
+
+def test_recompute_fills_exactly_the_full_model_kv(tiny_models):
+    """Tokens that left at depth 2 are re-run through layers 2-3 by the next full-depth token:
+    their K/V then equals the full model's (float32, 1e-5), and that token is the full model's choice."""
+    from transformers import AutoModelForCausalLM
+
+    engine = _engine(tiny_models, min_exit_layer=2, kv_fill="recompute")
+    prompt = PROMPTS[1]
+    seq = engine.add_request("re", prompt, SamplingParams(max_tokens=6, exit_policy="similarity", exit_threshold=-1.0))
+    for _ in range(3):
+        engine.step()  # prefill (full depth), then two decode tokens that leave at depth 2
+    assert seq.exit_layers == [4, 2, 2]
+    assert [p.position for p in engine.runner.loop.pending[seq.seq_id]] == [len(prompt), len(prompt) + 1]
+    seq.params.exit_policy = "none"  # the next token goes full depth and pulls the kept tokens along
+    engine.step()
+    assert seq.exit_layers == [4, 2, 2, 4]
+    assert seq.seq_id not in engine.runner.loop.pending
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    tokens = prompt + seq.output_token_ids
+    with torch.inference_mode():
+        out = hf(torch.tensor([tokens[:-1]]), use_cache=True)
+    assert out.logits[0, -1].argmax().item() == seq.output_token_ids[-1]
+    cache = out.past_key_values
+    for layer in (2, 3):
+        k_ref, v_ref = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # [kv_heads, seq, head_dim]
+        for pos in range(len(prompt), len(tokens) - 1):
+            torch.testing.assert_close(engine.kv.k[layer][_slot(engine, seq, pos)], k_ref[:, pos], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(engine.kv.v[layer][_slot(engine, seq, pos)], v_ref[:, pos], rtol=1e-5, atol=1e-5)
+    engine.abort("re")
+    assert seq.seq_id not in engine.runner.loop.pending and engine.pages.num_used_pages == 0
+
+
+class _Scripted(SimilarityExit):
+    """Leaves on a fixed pseudo-random pattern of calls: exits at varied depths, deterministic."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def decide(self, check):
+        self.calls += 1
+        leave = torch.tensor([(self.calls * 7 + r * 3) % 5 == 0 for r in range(check.hidden.shape[0])])
+        return type(super().decide(check))(leave)
+
+
+@pytest.mark.parametrize("kv_fill", ["recompute", "propagate"])
+def test_full_depth_tokens_under_recompute_are_exact(tiny_models, kv_fill):
+    """With recompute, every token that reaches full depth is the full model's greedy choice for its
+    prefix (teacher-forced agreement 1.0), however its neighbours left; propagate only approximates."""
+    engine = _engine(tiny_models, kv_fill=kv_fill)
+    engine.runner._policies["similarity"] = _Scripted()
+    params = SamplingParams(max_tokens=24, exit_policy="similarity")
+    outs = engine.generate(PROMPTS, params)
+    depths = [d for o in outs for d in o.exit_layers]
+    assert len(set(depths)) >= 3, f"the pattern should exit at several depths, got {sorted(set(depths))}"
+    agree_full = []
+    for prompt, out in zip(PROMPTS, outs):
+        agreement = engine.teacher_forced_agreement(prompt, out.token_ids)
+        agree_full += [ok for ok, d in zip(agreement, out.exit_layers) if d == 4]
+    if kv_fill == "recompute":
+        assert all(agree_full), f"{agree_full.count(False)} full-depth tokens differ from the full model"
+    assert engine.pages.num_used_pages == 0 and not engine.runner.loop.pending

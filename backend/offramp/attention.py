@@ -17,11 +17,21 @@ import torch.nn.functional as F
 
 @dataclass(slots=True)
 class SeqSlice:
-    """What one sequence contributes to a step: new tokens ``[start, start + num_new)``."""
+    """What one sequence contributes to a step: new tokens ``[start, start + num_new)``, after
+    ``redo`` (earlier positions whose deeper layers' K/V is being recomputed, in order)."""
 
     start: int  # position of the first new token (= tokens already in the store)
     num_new: int
     page_table: list[int]
+    redo: tuple[int, ...] = ()
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.redo) + self.num_new
+
+    def positions(self) -> torch.Tensor:  # [num_rows] long
+        new = torch.arange(self.start, self.start + self.num_new)
+        return torch.cat((torch.tensor(self.redo, dtype=torch.long), new)) if self.redo else new
 
 
 @dataclass(slots=True)
@@ -47,8 +57,8 @@ class AttentionMetadata:
 
 
 def _new_slots(s: SeqSlice, page_size: int) -> torch.Tensor:
-    """Slots where the new tokens' K/V go: [num_new] long."""
-    pos = torch.arange(s.start, s.start + s.num_new)
+    """Slots where the rows' K/V go: [num_rows] long."""
+    pos = s.positions()
     table = torch.tensor(s.page_table, dtype=torch.long)
     return table[pos // page_size] * page_size + pos % page_size
 
@@ -73,9 +83,9 @@ def _decode_group(seqs: list[SeqSlice], row: int, page_size: int) -> AttentionGr
 
 def _chunk_group(s: SeqSlice, row: int, page_size: int) -> AttentionGroup:
     pages, padded_ctx = _page_tables([s], page_size)
-    qpos = torch.arange(s.start, s.start + s.num_new)  # query t sits at position start + t, sees keys <= it
-    mask = torch.arange(padded_ctx)[None, :] <= qpos[:, None]  # [num_new, ctx]
-    return AttentionGroup(row, row + s.num_new, 1, s.num_new, pages, mask[None, None])
+    qpos = s.positions()  # each query sees the keys at or before its position
+    mask = torch.arange(padded_ctx)[None, :] <= qpos[:, None]  # [num_rows, ctx]
+    return AttentionGroup(row, row + s.num_rows, 1, s.num_rows, pages, mask[None, None])
 
 
 def build_metadata(
@@ -87,18 +97,18 @@ def build_metadata(
     decode_run: list[SeqSlice] = []
     row = 0
     for s in seqs + [None]:
-        if decode_run and (s is None or s.num_new != 1):
+        if decode_run and (s is None or s.num_rows != 1):
             groups.append(_decode_group(decode_run, row - len(decode_run), page_size))
             decode_run = []
         if s is None:
             break
-        positions.append(torch.arange(s.start, s.start + s.num_new))
+        positions.append(s.positions())
         new_slots.append(_new_slots(s, page_size))
-        if s.num_new == 1:
+        if s.num_rows == 1:
             decode_run.append(s)
         else:
             groups.append(_chunk_group(s, row, page_size))
-        row += s.num_new
+        row += s.num_rows
     pos = torch.cat(positions)
     return AttentionMetadata(
         positions=pos,

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from offramp.block_loop import LoopStats
 from offramp.engine import LLMEngine
-from offramp.runner import RunnerStats
 from offramp.sampling import SamplingParams
 from offramp.sequence import Sequence
 
@@ -51,7 +51,7 @@ def run_engine(
     """Keep ``concurrency`` requests in flight until all are done. Returns metrics and outputs."""
     params = params or SamplingParams(max_tokens=max_tokens)
     engine.generate([prompt_ids[0][:8]], SamplingParams(max_tokens=4))  # warm-up
-    engine.runner.stats = RunnerStats()
+    engine.runner.loop.stats = LoopStats()
     pending = list(enumerate(prompt_ids))
     done: dict[int, Sequence] = {}
     inflight: dict[str, int] = {}
@@ -89,6 +89,7 @@ def run_engine(
         "layers_saved_frac": round(1 - sum(exits) / (len(exits) * engine.num_layers), 4) if exits else None,
         "check_cost_frac": round(stats.check_s / wall, 4),
         "kv_fill_cost_frac": round(stats.fill_s / wall, 4),
+        "recomputed_rows": stats.recomputed_rows,
         "num_output_tokens": num_tokens,
         "num_preemptions": sum(s.num_preemptions for s in seqs),
         "wall_s": round(wall, 3),

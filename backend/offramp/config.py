@@ -7,7 +7,7 @@ from dataclasses import dataclass
 DTYPES = ("float32", "bfloat16")
 ENGINES = ("torch",)
 EXIT_POLICIES = ("none", "softmax", "similarity", "classifier")
-KV_FILLS = ("propagate",)
+KV_FILLS = ("propagate", "recompute")
 
 
 @dataclass(slots=True)

@@ -162,6 +162,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)
+        self.runner.release(seq.seq_id)
         seq.finish_time = time.perf_counter()
         self._generators.pop(seq.seq_id, None)
         self._seqs.pop(seq.request_id, None)

@@ -1,0 +1,191 @@
+"""The walk down the blocks for one step, with early exits and the K/V of skipped layers.
+
+Without exits the whole batch runs every block. With exits, after each exit point the decoding
+tokens still running ask their policy; leavers stop there and the sub-batch shrinks. Their skipped
+layers' K/V is filled per ``kv_fill``:
+
+- ``propagate`` (CALM): at once, from the exit hidden state through each skipped layer's input norm
+  and K/V projections (approximate).
+- ``recompute`` (EE-LLM/FREE): the exit hidden state is kept; when a later token of the sequence
+  goes past that depth, the kept tokens re-enter the sub-batch at the block where they left and
+  run together with it, writing exact K/V.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from offramp.attention import SeqSlice, build_metadata
+from offramp.block_engine import BlockEngine
+from offramp.exits import ExitCheck, ExitHead, ExitPolicy
+from offramp.modeling import ModelWeights
+from offramp.scheduler import ScheduledSeq
+
+
+@dataclass(slots=True)
+class Pending:
+    """A token whose K/V exists only below ``depth`` layers (recompute mode)."""
+
+    position: int
+    depth: int
+    hidden: torch.Tensor  # [hidden] state after ``depth`` layers
+
+
+@dataclass(slots=True)
+class LoopResult:
+    """Per item (index into the step's items): its last row after full depth, or where it left."""
+
+    final_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # item -> [hidden]
+    exited: dict[int, tuple[int, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class LoopStats:
+    block_s: float = 0.0
+    check_s: float = 0.0
+    fill_s: float = 0.0
+    recomputed_rows: int = 0  # kept tokens that re-entered a sub-batch (recompute)
+
+
+class BlockLoop:
+    def __init__(
+        self,
+        weights: ModelWeights,
+        blocks: BlockEngine,
+        page_size: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        exit_depths: set[int],
+        kv_fill: str,
+        head: ExitHead,
+        policy_of: Callable[[ScheduledSeq], tuple[ExitPolicy, float] | None],
+    ) -> None:
+        self.weights, self.blocks, self.page_size = weights, blocks, page_size
+        self.cos, self.sin = cos, sin
+        self.exit_depths, self.kv_fill, self.head = exit_depths, kv_fill, head
+        self.policy_of = policy_of  # (policy, threshold) for items that may leave now, else None
+        self.pending: dict[int, list[Pending]] = {}  # seq_id -> kept tokens (recompute)
+        self.stats = LoopStats()
+
+    def release(self, seq_id: int) -> None:
+        """Forget a sequence's kept tokens (finished, aborted, or about to be recomputed)."""
+        self.pending.pop(seq_id, None)
+
+    def _meta(self, slices: list[SeqSlice]):
+        return build_metadata(slices, self.page_size, self.cos, self.sin)
+
+    def _embed(self, token_ids: list[int]) -> torch.Tensor:  # [n, hidden]
+        return F.embedding(torch.tensor(token_ids, dtype=torch.long), self.weights.embed)
+
+    def run(self, items: list[ScheduledSeq], slices: list[SeqSlice], token_ids: list[int]) -> LoopResult:
+        for item in items:
+            if item.seq.num_computed_tokens == 0:  # (re-)prefill from scratch: nothing is kept
+                self.release(item.seq.seq_id)
+        exiting = self.exit_depths and any(self.policy_of(it) is not None for it in items)
+        if exiting or any(it.seq.seq_id in self.pending for it in items):
+            return self._run_with_exits(items, slices, token_ids)
+        return self._run_full(items, slices, token_ids)
+
+    def _run_full(self, items, slices, token_ids) -> LoopResult:
+        hidden = self._embed(token_ids)
+        meta = self._meta(slices)
+        start = time.perf_counter()
+        for b in range(self.blocks.num_blocks):
+            hidden = self.blocks.run_block(b, hidden, meta)
+        self.stats.block_s += time.perf_counter() - start
+        result, row = LoopResult(), 0
+        for i, item in enumerate(items):
+            row += item.num_new_tokens
+            if item.samples:
+                result.final_rows[i] = hidden[row - 1]
+        return result
+
+    def _run_with_exits(self, items, slices, token_ids) -> LoopResult:
+        rows = list(torch.split(self._embed(token_ids), [s.num_new for s in slices]))  # per item [k, hidden]
+        redo: list[tuple[int, ...]] = [() for _ in items]  # positions re-entered so far, per item
+        kept = {i: list(self.pending.get(it.seq.seq_id, [])) for i, it in enumerate(items)}
+        active = list(range(len(items)))
+        result = LoopResult()
+        meta_key, meta = None, None
+        for b, (start_layer, end) in enumerate(self.blocks.block_ranges):
+            for i in active:  # kept tokens re-enter at the block where they left
+                joins = [p for p in kept[i] if p.depth == start_layer]
+                if joins:
+                    kept[i] = [p for p in kept[i] if p.depth != start_layer]
+                    rows[i] = torch.cat((torch.stack([p.hidden for p in joins]), rows[i]))
+                    redo[i] = tuple(p.position for p in joins) + redo[i]
+                    self.stats.recomputed_rows += len(joins)
+            key = tuple((i, len(redo[i])) for i in active)
+            if key != meta_key:
+                meta_key = key
+                meta = self._meta(
+                    [SeqSlice(s.start, s.num_new, s.page_table, redo[i]) for i, s in ((i, slices[i]) for i in active)]
+                )
+            sizes = [rows[i].shape[0] for i in active]
+            hidden = torch.cat([rows[i] for i in active]) if len(active) > 1 else rows[active[0]]
+            t0 = time.perf_counter()
+            out = self.blocks.run_block(b, hidden, meta)
+            self.stats.block_s += time.perf_counter() - t0
+            before = dict(zip(active, torch.split(hidden, sizes)))
+            for i, r in zip(active, torch.split(out, sizes)):
+                rows[i] = r
+            if end in self.exit_depths:
+                leavers = self._check(items, active, rows, before, end, result)
+                if leavers:
+                    self._fill(items, leavers, rows, redo, meta, active, sizes, kept, end)
+                    active = [i for i in active if i not in leavers]
+                    if not active:
+                        break
+        for i in active:
+            if items[i].samples:
+                result.final_rows[i] = rows[i][-1]
+            self.release(items[i].seq.seq_id) if not kept[i] else self._keep(items[i], kept[i])
+        return result
+
+    def _check(self, items, active, rows, before, depth, result: LoopResult) -> set[int]:
+        """Ask each candidate's policy about its newest token; record leavers in ``result``."""
+        groups: dict[int, tuple[ExitPolicy, list[int], list[float]]] = {}
+        for i in active:
+            choice = self.policy_of(items[i])
+            if choice is not None:
+                policy, threshold = choice
+                group = groups.setdefault(id(policy), (policy, [], []))
+                group[1].append(i)
+                group[2].append(threshold)
+        t0 = time.perf_counter()
+        leavers: set[int] = set()
+        for policy, members, thresholds in groups.values():
+            hidden = torch.stack([rows[i][-1] for i in members])  # [m, hidden]
+            prior = torch.stack([before[i][-1] for i in members])
+            check = ExitCheck(hidden, prior, depth, torch.tensor(thresholds, dtype=torch.float32), self.head)
+            decision = policy.decide(check)
+            for j in decision.leave.nonzero().flatten().tolist():
+                i = members[j]
+                result.exited[i] = (depth, hidden[j], decision.row_logits(j))
+                leavers.add(i)
+        self.stats.check_s += time.perf_counter() - t0
+        return leavers
+
+    def _fill(self, items, leavers, rows, redo, meta, active, sizes, kept, depth) -> None:
+        """K/V of the layers the leavers skip: propagate now, or keep their rows for recompute."""
+        t0 = time.perf_counter()
+        if self.kv_fill == "propagate":
+            offsets = dict(zip(active, torch.cumsum(torch.tensor([0] + sizes[:-1]), 0).tolist()))
+            idx = torch.tensor([offsets[i] + sizes[active.index(i)] - 1 for i in sorted(leavers)])
+            hidden = torch.stack([rows[i][-1] for i in sorted(leavers)])
+            self.blocks.propagate_kv(hidden, meta.cos[idx], meta.sin[idx], meta.slot_mapping[idx], depth)
+        else:
+            for i in leavers:
+                positions = redo[i] + tuple(
+                    range(items[i].seq.num_computed_tokens, items[i].seq.num_computed_tokens + items[i].num_new_tokens)
+                )
+                self._keep(items[i], kept[i] + [Pending(p, depth, h) for p, h in zip(positions, rows[i])])
+        self.stats.fill_s += time.perf_counter() - t0
+
+    def _keep(self, item: ScheduledSeq, pending: list[Pending]) -> None:
+        self.pending[item.seq.seq_id] = sorted(pending, key=lambda p: p.position)
