@@ -243,3 +243,29 @@ def test_full_depth_tokens_under_recompute_are_exact(tiny_models, kv_fill):
     if kv_fill == "recompute":
         assert all(agree_full), f"{agree_full.count(False)} full-depth tokens differ from the full model"
     assert engine.pages.num_used_pages == 0 and not engine.runner.loop.pending
+
+
+def test_low_rank_head_from_file(tiny_models, tmp_path):
+    from offramp.exits import LowRankHead
+
+    engine = _engine(tiny_models)
+    hidden = torch.randn(3, 64)
+    identity = IdentityHead(engine.weights).logits(hidden, 2)
+    zero = tmp_path / "zero.safetensors"
+    save_file({"down": torch.randn(4, 64), "up": torch.zeros(64, 4)}, str(zero))
+    torch.testing.assert_close(LowRankHead(engine.weights, zero).logits(hidden, 2), identity)
+    trained = tmp_path / "heads.safetensors"
+    down, up, down3, up3 = torch.randn(4, 64), torch.randn(64, 4), torch.randn(2, 64), torch.randn(64, 2)
+    save_file({"down": down, "up": up, "down.3": down3, "up.3": up3}, str(trained))
+    head = LowRankHead(engine.weights, trained)
+    from offramp.modeling import final_logits
+
+    torch.testing.assert_close(head.logits(hidden, 2), final_logits(engine.weights, hidden + hidden @ down.T @ up.T))
+    torch.testing.assert_close(head.logits(hidden, 3), final_logits(engine.weights, hidden + hidden @ down3.T @ up3.T))
+    bad = tmp_path / "bad.safetensors"
+    save_file({"down": torch.randn(4, 63), "up": torch.randn(63, 4)}, str(bad))
+    with pytest.raises(ValueError, match="exit_head: .* must be"):
+        LowRankHead(engine.weights, bad)
+    served = _engine(tiny_models, exit_head=str(trained), min_exit_layer=2)
+    out = served.generate([PROMPTS[0]], SamplingParams(max_tokens=4, exit_policy="softmax", exit_threshold=0.0))[0]
+    assert out.exit_layers == [4, 2, 2, 2] and served.runner.head.name == "low_rank"

@@ -195,6 +195,7 @@ def bench(
         "exit_threshold": cfg.exit_threshold if cfg.exit_policy != "none" else None,
         "min_exit_layer": cfg.min_exit_layer,
         "kv_fill": cfg.kv_fill,
+        "exit_head": engine.runner.head.name,
         "exit_gate": cfg.exit_gate if cfg.exit_policy == "softmax" else None,
         "exit_gate_threshold": cfg.exit_gate_threshold if cfg.exit_gate and cfg.exit_policy == "softmax" else None,
         **metrics,

@@ -34,6 +34,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
     e.add_argument("--kv-fill", default="propagate", choices=KV_FILLS, help="K/V of skipped layers")
     e.add_argument("--exit-classifier", default=None, help="safetensors file for --exit-policy classifier")
+    e.add_argument("--exit-head", default=None, help="safetensors file of trained low-rank shortcut heads")
     e.add_argument(
         "--exit-gate",
         default=None,
@@ -62,6 +63,7 @@ def _config(args: argparse.Namespace) -> EngineConfig:
         exit_points=_int_list("exit-points", args.exit_points),
         kv_fill=args.kv_fill,
         exit_classifier=args.exit_classifier,
+        exit_head=args.exit_head,
         exit_gate=args.exit_gate,
         exit_gate_threshold=args.exit_gate_threshold,
     )

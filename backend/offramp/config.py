@@ -38,6 +38,7 @@ class EngineConfig:
     min_exit_layer: int = 1
     kv_fill: str = "propagate"  # how skipped layers get their K/V
     exit_classifier: str | None = None  # safetensors file for the classifier policy
+    exit_head: str | None = None  # safetensors file of trained low-rank shortcuts; None = identity head
     exit_gate: str | None = None  # cheap gate before the softmax check: similarity | classifier
     exit_gate_threshold: float = 0.95
 

@@ -41,3 +41,42 @@ def plot_bench(jsonl: Path) -> Path:
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return png
+
+
+def plot_tradeoff(jsonl: Path) -> Path:
+    """Speed against quality for early-exit runs: speedup over full depth (same run) vs token agreement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("full_depth_tokens_per_s")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"propagate": "o", "recompute": "s"}
+    for r in rows:
+        policy = r["exit_policy"] + ("+gate" if r.get("exit_gate") else "")
+        speedup = r["tokens_per_s"] / r["full_depth_tokens_per_s"]
+        ax.scatter(
+            r["token_agreement"],
+            speedup,
+            marker=markers.get(r["kv_fill"], "x"),
+            s=50,
+            color={"softmax": "C0", "similarity": "C1", "softmax+gate": "C2"}.get(policy, "C3"),
+        )
+        ax.annotate(
+            f"{policy} {r['exit_threshold']}",
+            (r["token_agreement"], speedup),
+            fontsize=7,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("token agreement with full depth (teacher-forced)")
+    ax.set_ylabel("speed / full depth (same run)")
+    ax.set_title("early exit: speed vs quality (o propagate, s recompute)")
+    fig.tight_layout()
+    png = jsonl.with_name(jsonl.stem + "_tradeoff.png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png

@@ -12,7 +12,7 @@ from offramp.attention import SeqSlice, build_metadata
 from offramp.block_engine import BlockEngine
 from offramp.block_loop import BlockLoop
 from offramp.config import EngineConfig
-from offramp.exits import ExitHead, ExitPolicy, GatedExit, IdentityHead, make_policy
+from offramp.exits import ExitHead, ExitPolicy, GatedExit, IdentityHead, LowRankHead, make_policy
 from offramp.modeling import ModelWeights, final_logits, rope_tables
 from offramp.page_manager import PageManager
 from offramp.sampling import Sampler
@@ -36,7 +36,9 @@ class ModelRunner:
         self.pages = pages
         self.config = config
         self.sampler = Sampler()
-        self.head: ExitHead = IdentityHead(weights)
+        self.head: ExitHead = (
+            IdentityHead(weights) if config.exit_head is None else LowRankHead(weights, Path(config.exit_head))
+        )
         self.cos, self.sin = rope_tables(
             weights.inv_freq, max_model_len, weights.attention_scaling, weights.embed.dtype
         )
