@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= default
 PROMPT ?= What is the capital of France?
 
-.PHONY: install test lint format serve bench clean
+.PHONY: install test lint format serve demo perf bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,23 +17,30 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check backend tests
+	$(PY) -m ruff check backend client tests model_repository
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check backend tests
-	$(PY) -m ruff format --check backend tests
+	$(PY) -m ruff check backend client tests model_repository
+	$(PY) -m ruff format --check backend client tests model_repository
 
 format: $(STAMP)
-	$(PY) -m ruff format backend tests
-	$(PY) -m ruff check --fix backend tests
+	$(PY) -m ruff format backend client tests model_repository
+	$(PY) -m ruff check --fix backend client tests model_repository
 
-# Until the Triton model repository lands, `serve` runs an offline demo generation.
+# Triton on 8000 (HTTP) / 8001 (gRPC) / 8002 (metrics) with the default model; Ctrl-C stops it.
 serve: $(STAMP)
+	$(VENV)/bin/offramp serve --model $(MODEL)
+
+demo: $(STAMP)
 	$(VENV)/bin/offramp generate --model $(MODEL) --prompt "$(PROMPT)"
+
+# perf_analyzer (separate tools venv, tritonclient 2.50) at concurrency 1, 4, 16 against `offramp serve`.
+perf: $(STAMP)
+	perf/run_perf.sh 1 4 16
 
 bench: $(STAMP)
 	$(VENV)/bin/offramp bench --model $(MODEL) --compare hf --concurrency 16 --num-requests 32 --max-tokens 64
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-perf .pytest_cache .ruff_cache

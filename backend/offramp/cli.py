@@ -102,7 +102,57 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", choices=["hf"], default=None, help="also run HF transformers generate")
     bench.add_argument("--json", action="store_true", help="print only the JSON line")
     bench.add_argument("--output", default=None, help="append the JSON line to this file and draw a PNG beside it")
+    serve = sub.add_parser("serve", help="run tritonserver with the Offramp model repository")
+    serve.add_argument("--model", default=None, help="override engine.json's model ('default', dir or .gguf)")
+    serve.add_argument("--model-repository", default="model_repository")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    for flag, kind in (
+        ("--dtype", str),
+        ("--block-size", int),
+        ("--kv-budget-mb", int),
+        ("--max-num-seqs", int),
+        ("--exit-policy", str),
+        ("--exit-threshold", float),
+        ("--min-exit-layer", int),
+        ("--kv-fill", str),
+        ("--exit-head", str),
+        ("--max-queued-requests", int),
+    ):
+        serve.add_argument(flag, type=kind, default=None, help="override engine.json")
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from offramp.serve import run_server
+
+    keys = (
+        "model",
+        "dtype",
+        "block_size",
+        "max_num_seqs",
+        "exit_policy",
+        "exit_threshold",
+        "min_exit_layer",
+        "kv_fill",
+        "exit_head",
+        "max_queued_requests",
+    )
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.kv_budget_mb is not None:
+        overrides["kv_budget_bytes"] = args.kv_budget_mb * 1024 * 1024
+    return run_server(
+        Path(args.model_repository),
+        overrides,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        args.ready_timeout,
+        args.host,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -170,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "bench": cmd_bench}[args.command](args)
+        return {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}[args.command](args)
     except (ModelLoadError, ValueError, OSError) as exc:
         print(f"offramp: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

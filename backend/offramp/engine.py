@@ -84,6 +84,16 @@ class LLMEngine:
             return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
         return list(self.tokenizer(prompt)["input_ids"])
 
+    def encode_for_serving(self, prompt: str) -> list[int]:
+        """Served text: through the chat template unless it already carries the template's markup
+        (as text from an OpenAI-compatible frontend that applied the template itself does)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not self.config.use_chat_template or not template:
+            return self.encode(prompt, chat=False)
+        specials = [t for t in self.tokenizer.all_special_tokens if t and t in template]
+        already = any(prompt.lstrip().startswith(t) for t in specials)
+        return self.encode(prompt, chat=not already)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         """Queue a request; raises ``ValueError`` for input the engine cannot serve."""
         if request_id in self._seqs:

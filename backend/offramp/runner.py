@@ -99,9 +99,17 @@ class ModelRunner:
             final = final_logits(self.weights, torch.stack([result.final_rows[i] for i in owners]))  # [k, vocab]
             for i, row in zip(owners, final):
                 logits[i], depths[i] = row, self.num_layers
+        by_depth: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for i, (depth, hidden, row) in result.exited.items():
-            logits[i] = row if row is not None else self.head.logits(hidden[None], depth)[0]
             depths[i] = depth
+            if row is not None:
+                logits[i] = row
+            else:  # one head call per depth for every leaver whose policy computed no logits
+                by_depth.setdefault(depth, []).append((i, hidden))
+        for depth, members in by_depth.items():
+            rows = self.head.logits(torch.stack([h for _, h in members]), depth)  # [m, vocab]
+            for (i, _), row in zip(members, rows):
+                logits[i] = row
         return self._sample(order, items, logits, depths, generators)
 
     def _sample(self, order, items, logits, depths, generators) -> RunnerOutput:

@@ -1,0 +1,241 @@
+"""The engine on a background thread, for servers: submit, cancel, stream events, drain, stop.
+
+One thread owns the ``LLMEngine`` and runs an iteration whenever there is work. Callers hand in
+``RequestHandle`` objects (with an ``emit`` callback and an ``is_cancelled`` probe) from any
+thread. Every request gets exactly one final event: on success, on error and on cancellation.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from offramp.detokenizer import IncrementalDetokenizer
+from offramp.engine import LLMEngine
+from offramp.requests import GenerateRequest, RequestError
+from offramp.sequence import Sequence
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """What the engine thread reports for one request: new text (and tokens), or the end."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str = ""
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+    error: RequestError | None = None
+
+
+@dataclass(slots=True)
+class RequestHandle:
+    request_id: str
+    request: GenerateRequest
+    emit: Callable[[StreamEvent], None]
+    is_cancelled: Callable[[], bool] = lambda: False
+    prompt_token_ids: list[int] = field(default_factory=list)
+    detokenizer: IncrementalDetokenizer | None = None
+    seq: Sequence | None = None
+    emitted_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot after each iteration, for metrics."""
+
+    num_running: int
+    num_waiting: int
+    pages_used: int
+    pages_free: int
+    num_preemptions: int
+    batch_size: int = 0
+    new_tokens: int = 0
+    exit_layers: list[int] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_queued: int = 256,
+        on_stats: Callable[[EngineStats], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_queued = max_queued
+        self.on_stats = on_stats
+        self._inbox: queue.Queue[RequestHandle] = queue.Queue()
+        self._live: dict[str, RequestHandle] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._num_pending = 0
+        self._thread = threading.Thread(target=self._loop, name="offramp-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, handle: RequestHandle) -> None:
+        """Queue a request; raises ``RequestError(code="unavailable")`` when the server is full."""
+        with self._lock:
+            if self._stop.is_set():
+                raise RequestError("the model is shutting down; retry on another instance", code="unavailable")
+            if self._num_pending >= self.max_queued:
+                raise RequestError(
+                    f"server busy: {self.max_queued} requests in flight; retry later", code="unavailable"
+                )
+            self._num_pending += 1
+        self._inbox.put(handle)
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let in-flight ones finish (up to ``timeout``), abort the rest, join."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout + 5.0)
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._num_pending
+
+    # -- engine thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        deadline = None
+        while True:
+            self._admit()
+            self._cancel()
+            if self._stop.is_set():
+                deadline = deadline or time.monotonic() + 30.0
+                if not self._live or time.monotonic() > deadline:
+                    for handle in list(self._live.values()):
+                        self._abort(handle)
+                    return
+            if self.engine.has_work:
+                try:
+                    self._step()
+                except Exception as exc:  # a fault must not strand requests: each gets its final event
+                    self._fail_all(RequestError(f"internal error in the engine: {exc!r}", code="internal"))
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def _fail_all(self, error: RequestError) -> None:
+        for handle in list(self._live.values()):
+            self.engine.abort(handle.request_id)
+            self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                handle = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                req = handle.request
+                handle.prompt_token_ids = self.engine.encode_for_serving(req.prompt)
+                handle.detokenizer = IncrementalDetokenizer(self.engine.tokenizer, req.params.stop)
+                handle.seq = self.engine.add_request(handle.request_id, handle.prompt_token_ids, req.params)
+                self._live[handle.request_id] = handle
+            except (RequestError, ValueError) as exc:
+                error = exc if isinstance(exc, RequestError) else RequestError(str(exc))
+                self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
+
+    def _cancel(self) -> None:
+        for handle in list(self._live.values()):
+            if handle.is_cancelled():
+                self._abort(handle)
+
+    def _abort(self, handle: RequestHandle) -> None:
+        self.engine.abort(handle.request_id)
+        self._final(handle)
+        self._report(self._stats(0))  # pages were freed outside a step
+
+    def _step(self) -> None:
+        grown, finished = self.engine.step()
+        stats = self._stats(len(grown))
+        done = {s.request_id for s in finished}
+        for seq in grown:
+            handle = self._live.get(seq.request_id)
+            if handle is None:
+                continue
+            stats.exit_layers.append(seq.exit_layers[-1])
+            if len(seq.output_token_ids) == 1 and seq.first_token_time is not None:
+                stats.ttft_s.append(seq.first_token_time - seq.arrival_time)
+            if seq.request_id in done:
+                if len(seq.output_token_ids) > 1 and seq.first_token_time is not None:
+                    n = len(seq.output_token_ids) - 1
+                    stats.tpot_s.append((seq.finish_time - seq.first_token_time) / n)
+                self._final(handle)
+            elif handle.request.stream:
+                self._stream(handle)
+        self._report(stats)
+
+    def _report(self, stats: EngineStats) -> None:
+        if self.on_stats is not None:
+            try:
+                self.on_stats(stats)
+            except Exception as exc:  # metrics must never fail a request
+                print(f"offramp: metrics update failed: {exc!r}", file=sys.stderr, flush=True)
+
+    def _stats(self, num_new: int) -> EngineStats:
+        sched = self.engine.scheduler
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            pages_used=self.engine.pages.num_used_pages,
+            pages_free=self.engine.pages.num_free_pages,
+            num_preemptions=sched.num_preemptions,
+            batch_size=num_new,
+            new_tokens=num_new,
+        )
+
+    def _new_tokens(self, handle: RequestHandle) -> tuple[list[int], list[int]]:
+        seq = handle.seq
+        start, handle.emitted_tokens = handle.emitted_tokens, len(seq.output_token_ids)
+        return seq.output_token_ids[start:], seq.exit_layers[start:]
+
+    def _stream(self, handle: RequestHandle) -> None:
+        tokens, exits = self._new_tokens(handle)
+        text = handle.detokenizer.add(tokens)
+        if text or tokens:
+            handle.emit(self._event(handle, text, tokens, exits))
+
+    def _final(self, handle: RequestHandle) -> None:
+        tokens, exits = self._new_tokens(handle)
+        text = handle.detokenizer.add(tokens) + handle.detokenizer.flush()
+        if not handle.request.stream:  # one response: the whole text and every token
+            tokens, exits = list(handle.seq.output_token_ids), list(handle.seq.exit_layers)
+            text = handle.detokenizer.text
+            cut = min((i for i in (text.find(s) for s in handle.request.params.stop) if i >= 0), default=-1)
+            text = text if cut < 0 else text[:cut]
+            if not handle.request.exclude_input_in_output:
+                text = handle.request.prompt + text
+        event = self._event(handle, text, tokens, exits)
+        event.finished = True
+        event.finish_reason = handle.seq.finish_reason.value if handle.seq.finish_reason else "abort"
+        self._finish(handle, event)
+
+    def _event(self, handle: RequestHandle, text: str, tokens: list[int], exits: list[int]) -> StreamEvent:
+        return StreamEvent(
+            request_id=handle.request_id,
+            text=text,
+            token_ids=tokens,
+            exit_layers=exits,
+            num_input_tokens=len(handle.prompt_token_ids),
+            num_output_tokens=len(handle.seq.output_token_ids),
+        )
+
+    def _finish(self, handle: RequestHandle, event: StreamEvent) -> None:
+        self._live.pop(handle.request_id, None)
+        with self._lock:
+            self._num_pending -= 1
+        handle.emit(event)
