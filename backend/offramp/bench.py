@@ -177,10 +177,12 @@ def bench(
     max_tokens: int,
     compare_hf: bool = False,
     progress: bool = True,
+    ignore_eos: bool = False,
 ) -> dict:
     """One JSON-able result line: the engine's figures, and HF's when asked, measured back to back."""
     prompt_ids = [engine.encode(prompts[i % len(prompts)]) for i in range(num_requests)]
-    metrics, outputs = run_engine(engine, prompt_ids, concurrency, max_tokens, progress)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
+    metrics, outputs = run_engine(engine, prompt_ids, concurrency, max_tokens, progress, params=params)
     cfg = engine.config
     result = {
         "engine": engine.config.engine,
@@ -190,6 +192,7 @@ def bench(
         "concurrency": concurrency,
         "num_requests": num_requests,
         "max_tokens": max_tokens,
+        "ignore_eos": ignore_eos,
         "num_threads": torch.get_num_threads(),
         "exit_policy": cfg.exit_policy,
         "exit_threshold": cfg.exit_threshold if cfg.exit_policy != "none" else None,

@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-requests", type=int, default=32)
     bench.add_argument("--concurrency", type=int, default=16)
     bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     bench.add_argument("--compare", choices=["hf"], default=None, help="also run HF transformers generate")
     bench.add_argument("--json", action="store_true", help="print only the JSON line")
     bench.add_argument("--output", default=None, help="append the JSON line to this file and draw a PNG beside it")
@@ -193,6 +194,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in ("num_requests", "concurrency", "max_tokens"):
         if getattr(args, name) <= 0:
             raise ValueError(f"{name.replace('_', '-')}: must be positive")
+    if args.ignore_eos and args.compare == "hf":
+        raise ValueError("ignore-eos: HF generate stops at EOS, so it cannot be compared with --compare hf")
     prompts = load_prompts(args.prompts_file)
     engine = LLMEngine(_config(args))
     result = bench(
