@@ -75,6 +75,31 @@ def test_bench_json_and_output_files(tiny_models, tmp_path, capsys):
     assert row["num_output_tokens"] == 30 and row["tokens_per_s"] > 0
     assert json.loads(out.read_text()) == row
     assert out.with_suffix(".png").stat().st_size > 1000
+    assert row["ignore_eos"] is False
+
+
+def test_bench_ignore_eos_generates_max_tokens(tiny_models, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w1 w2"}))
+    argv = [
+        "bench",
+        "--model",
+        str(tiny_models["llama"]),
+        "--prompts-file",
+        str(prompts),
+        "--num-requests",
+        "2",
+        "--concurrency",
+        "2",
+        "--max-tokens",
+        "7",
+        "--ignore-eos",
+        "--json",
+    ]
+    assert main(argv) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["ignore_eos"] is True and row["num_output_tokens"] == 14
+    assert main([*argv, "--compare", "hf"]) == 2
 
 
 @pytest.mark.parametrize(

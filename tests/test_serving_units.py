@@ -140,8 +140,7 @@ class _Collector:
 
 @pytest.fixture
 def async_engine(tiny_models):
-    engine = LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4))
-    a = AsyncEngine(engine, max_queued=3)
+    a = AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4)), max_queued=3)
     a.start()
     yield a
     a.shutdown(timeout=5)
@@ -188,6 +187,12 @@ def test_bad_request_gets_one_error_event(async_engine):
     async_engine.submit(handle)
     assert c.done.wait(30)
     assert len(c.events) == 1 and c.events[0].error is not None and "prompt" in str(c.events[0].error)
+
+
+def test_load_error_surfaces_in_start(tmp_path):
+    a = AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(tmp_path / "missing"))))
+    with pytest.raises(Exception, match="model not found"):
+        a.start()
 
 
 def test_overload_is_refused_with_unavailable(async_engine):

@@ -263,3 +263,33 @@ def test_overload_is_unavailable_not_a_hang(server):
     assert refused and all("retry" in o for o in refused), outcomes
     assert outcomes.count("ok") >= 24
     assert server.ready() and server.metric("offramp_kv_pages_used") == 0
+
+
+def test_client_cli_streams_and_cancels(server):
+    from offramp_client.cli import main
+
+    url = f"127.0.0.1:{server.grpc}"
+    assert main(["--url", url, "--protocol", "grpc", "stream", PROMPT, "--max-tokens", "8", "--json"]) == 0
+    assert (
+        main(
+            [
+                "--url",
+                url,
+                "--protocol",
+                "grpc",
+                "stream",
+                "Tell me a long story.",
+                "--max-tokens",
+                "300",
+                "--cancel-after",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    deadline = time.monotonic() + 20
+    while server.metric("offramp_kv_pages_used") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.metric("offramp_kv_pages_used") == 0
+    assert main(["--url", "127.0.0.1:1", "generate", "hi"]) == 1  # nothing listening: one error line

@@ -64,13 +64,23 @@ class EngineStats:
 
 
 class AsyncEngine:
+    """Owns an ``LLMEngine`` built by ``engine_factory`` on the engine thread itself.
+
+    Building it there matters: OpenMP gives each thread that runs parallel torch work its own
+    team, and a team left behind by model loading on another thread slowed every later step by
+    ~35% (measured: 21 vs 33 tokens/s on 2 cores).
+    """
+
     def __init__(
         self,
-        engine: LLMEngine,
+        engine_factory: Callable[[], LLMEngine],
         max_queued: int = 256,
         on_stats: Callable[[EngineStats], None] | None = None,
     ) -> None:
-        self.engine = engine
+        self._factory = engine_factory
+        self.engine: LLMEngine | None = None
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
         self.max_queued = max_queued
         self.on_stats = on_stats
         self._inbox: queue.Queue[RequestHandle] = queue.Queue()
@@ -82,7 +92,11 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="offramp-engine", daemon=True)
 
     def start(self) -> None:
+        """Start the engine thread; returns once the engine is built (re-raising a load error)."""
         self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
 
     def submit(self, handle: RequestHandle) -> None:
         """Queue a request; raises ``RequestError(code="unavailable")`` when the server is full."""
@@ -109,6 +123,13 @@ class AsyncEngine:
 
     # -- engine thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self.engine = self._factory()
+        except BaseException as exc:  # surfaces in start(), on the caller's thread
+            self._load_error = exc
+            return
+        finally:
+            self._ready.set()
         deadline = None
         while True:
             self._admit()

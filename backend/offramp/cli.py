@@ -206,6 +206,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.max_tokens,
         compare_hf=args.compare == "hf",
         progress=sys.stderr.isatty(),
+        ignore_eos=args.ignore_eos,
     )
     line = json.dumps(result)
     print(line)

@@ -28,6 +28,14 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--exit-threshold", type=float, default=None)
         s.add_argument("--show-exits", action="store_true", help="print the depth each token left at")
         s.add_argument("--json", action="store_true", help="print one JSON object at the end")
+        if name == "stream":
+            s.add_argument(
+                "--cancel-after",
+                type=int,
+                default=None,
+                metavar="N",
+                help="cancel the request after N responses (the server frees its pages)",
+            )
     args = p.parse_args(argv)
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
     client = OfframpClient(url, args.protocol, args.model)
@@ -49,12 +57,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(result.text)
         else:
             pieces, layers, reason = [], [], ""
-            for chunk in client.stream(args.prompt, **params):
+            stream = client.stream(args.prompt, **params)
+            for count, chunk in enumerate(stream, 1):
                 pieces.append(chunk.text)
                 layers.extend(chunk.exit_layers)
                 reason = chunk.finish_reason or reason
                 if not args.json:
                     print(chunk.text, end="", flush=True)
+                if args.cancel_after is not None and count >= args.cancel_after:
+                    stream.close()  # closes the stream: the server aborts the request
+                    reason = "cancelled"
+                    break
             chunks_text = "".join(pieces)
             if not args.json:
                 print()

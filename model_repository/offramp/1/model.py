@@ -92,13 +92,15 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         overrides = json.loads(os.environ.get("OFFRAMP_ENGINE_OVERRIDES", "{}"))
         self.config = load_serving_config(version_dir / "engine.json", overrides)
-        self.engine = LLMEngine(self.config.engine)
-        self.metrics = Metrics(args["model_name"], self.engine.num_layers)
+        self.metrics = None
+        self.async_engine = AsyncEngine(
+            lambda: LLMEngine(self.config.engine), self.config.max_queued_requests, lambda s: self.metrics.update(s)
+        )
+        self.async_engine.start()  # the engine is built on its own thread (see AsyncEngine)
+        self.metrics = Metrics(args["model_name"], self.async_engine.engine.num_layers)
         self.outbox: queue.Queue = queue.Queue()
         self.sender = threading.Thread(target=self._send_loop, name="offramp-responses", daemon=True)
         self.sender.start()
-        self.async_engine = AsyncEngine(self.engine, self.config.max_queued_requests, self.metrics.update)
-        self.async_engine.start()
 
     def execute(self, requests):
         for request in requests:
