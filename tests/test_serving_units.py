@@ -205,3 +205,19 @@ def test_overload_is_refused_with_unavailable(async_engine):
     assert info.value.code == "unavailable" and "retry" in str(info.value)
     for _, c in handles:
         assert c.done.wait(60)
+
+
+def test_shutdown_finishes_or_aborts_everything(tiny_models):
+    a = AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4)))
+    a.start()
+    short, c_short = _handle("s", max_tokens=2)
+    long, c_long = _handle("l", max_tokens=5000 // 10)
+    a.submit(short)
+    a.submit(long)
+    a.shutdown(timeout=0.3)
+    assert c_short.done.is_set() and c_long.done.is_set()
+    assert c_short.events[-1].finish_reason == "length"
+    assert c_long.events[-1].finish_reason in ("abort", "length")
+    assert a.engine.pages.num_used_pages == 0
+    with pytest.raises(RequestError, match="shutting down"):
+        a.submit(_handle("late")[0])

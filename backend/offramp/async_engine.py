@@ -89,6 +89,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._num_pending = 0
+        self._drain_s = 30.0
         self._thread = threading.Thread(target=self._loop, name="offramp-engine", daemon=True)
 
     def start(self) -> None:
@@ -113,6 +114,7 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking requests, let in-flight ones finish (up to ``timeout``), abort the rest, join."""
+        self._drain_s = timeout
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout + 5.0)
@@ -135,10 +137,11 @@ class AsyncEngine:
             self._admit()
             self._cancel()
             if self._stop.is_set():
-                deadline = deadline or time.monotonic() + 30.0
+                deadline = deadline or time.monotonic() + self._drain_s
                 if not self._live or time.monotonic() > deadline:
                     for handle in list(self._live.values()):
                         self._abort(handle)
+                    self._refuse_queued()
                     return
             if self.engine.has_work:
                 try:
@@ -148,6 +151,16 @@ class AsyncEngine:
             else:
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+    def _refuse_queued(self) -> None:
+        """Requests that raced with shutdown still get their one final (error) event."""
+        while True:
+            try:
+                handle = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            error = RequestError("the model is shutting down; retry on another instance", code="unavailable")
+            self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
 
     def _fail_all(self, error: RequestError) -> None:
         for handle in list(self._live.values()):
