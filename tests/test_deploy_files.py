@@ -17,7 +17,9 @@ def test_compose_file():
     assert devices[0]["capabilities"] == ["gpu"]
     assert "/v2/health/ready" in " ".join(svc["healthcheck"]["test"])
     assert svc["restart"] in ("unless-stopped", "always", "on-failure")
-    assert svc["shm_size"] and {"8000:8000", "8001:8001", "8002:8002"} <= set(svc["ports"])
+    assert svc["shm_size"] and {"127.0.0.1:8000:8000", "127.0.0.1:8001:8001", "127.0.0.1:8002:8002"} <= set(
+        svc["ports"]
+    )
     command = " ".join(svc["command"])
     assert "--model-control-mode=none" in command and "--http-restricted-api=" in command
     assert (REPO / svc["build"]["dockerfile"]).is_file()

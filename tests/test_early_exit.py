@@ -269,3 +269,34 @@ def test_low_rank_head_from_file(tiny_models, tmp_path):
     served = _engine(tiny_models, exit_head=str(trained), min_exit_layer=2)
     out = served.generate([PROMPTS[0]], SamplingParams(max_tokens=4, exit_policy="softmax", exit_threshold=0.0))[0]
     assert out.exit_layers == [4, 2, 2, 2] and served.runner.head.name == "low_rank"
+
+
+@pytest.mark.parametrize("kv_fill", ["propagate", "recompute"])
+def test_recomputation_after_preemption_runs_full_depth(tiny_models, kv_fill):
+    """After a preemption the sequence is recomputed one token per step (budget 1): those chunks
+    reach no new token, so they must not exit and must not sample from old positions."""
+    engine = _engine(tiny_models, kv_fill=kv_fill, max_num_batched_tokens=1)
+    seq = engine.add_request(
+        "p", PROMPTS[0], SamplingParams(max_tokens=8, exit_policy="similarity", exit_threshold=-1.0)
+    )
+    while len(seq.output_token_ids) < 4:
+        engine.step()
+    engine.scheduler.running.remove(seq)
+    engine.scheduler._preempt(seq)  # pages freed; everything is recomputed from scratch
+    known = seq.num_tokens
+    while engine.has_work:
+        engine.step()
+        if seq.num_computed_tokens < known:  # still recomputing: no new token may appear
+            assert len(seq.output_token_ids) == 4, f"sampled at old position {seq.num_computed_tokens}"
+    assert len(seq.output_token_ids) == 8 and len(seq.exit_layers) == 8
+    assert seq.exit_layers[0] == 4 and all(d == 1 for d in seq.exit_layers[1:])
+    assert engine.pages.num_used_pages == 0 and not engine.runner.loop.pending
+
+
+def test_policy_that_cannot_run_is_refused_at_admission(tiny_models):
+    engine = _engine(tiny_models)
+    with pytest.raises(ValueError, match="classifier"):
+        engine.add_request("c", PROMPTS[0], SamplingParams(exit_policy="classifier"))
+    assert not engine.has_work
+    with pytest.raises(ValueError, match="classifier"):
+        _engine(tiny_models, exit_policy="softmax", exit_gate="classifier")

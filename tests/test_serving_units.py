@@ -221,3 +221,33 @@ def test_shutdown_finishes_or_aborts_everything(tiny_models):
     assert a.engine.pages.num_used_pages == 0
     with pytest.raises(RequestError, match="shutting down"):
         a.submit(_handle("late")[0])
+
+
+def test_detokenizer_flush_keeps_a_cut_character():
+    detok = IncrementalDetokenizer(_Tok())
+    data = "Party 🎉".encode()[:-1]  # generation stopped inside the emoji
+    sent = detok.add(list(data))  # held back: the window ends inside a character
+    assert sent + detok.flush() == "Party \ufffd" and detok.text == "Party \ufffd"
+
+
+def test_one_bad_policy_fails_only_its_request(async_engine):
+    good, c_good = _handle("g", max_tokens=20)
+    bad, c_bad = _handle("x")
+    bad.request.params.exit_policy = "classifier"  # no classifier file on this server
+    async_engine.submit(good)
+    async_engine.submit(bad)
+    assert c_bad.done.wait(30) and c_good.done.wait(30)
+    assert c_bad.events[-1].error is not None and c_bad.events[-1].error.code == "invalid"
+    assert c_good.events[-1].error is None and c_good.events[-1].finish_reason == "length"
+
+
+def test_a_failing_cancel_probe_aborts_only_that_request(async_engine):
+    def broken():
+        raise RuntimeError("client gone")
+
+    ok, c_ok = _handle("ok", max_tokens=20)
+    gone, c_gone = _handle("gone", max_tokens=200, cancelled=broken)
+    async_engine.submit(ok)
+    async_engine.submit(gone)
+    assert c_ok.done.wait(30) and c_gone.done.wait(30)
+    assert c_gone.events[-1].finish_reason == "abort" and c_ok.events[-1].finish_reason == "length"

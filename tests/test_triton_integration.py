@@ -293,3 +293,16 @@ def test_client_cli_streams_and_cancels(server):
         time.sleep(0.2)
     assert server.metric("offramp_kv_pages_used") == 0
     assert main(["--url", "127.0.0.1:1", "generate", "hi"]) == 1  # nothing listening: one error line
+
+
+def test_closed_http_stream_is_cancelled(server):
+    stream = OfframpClient(f"127.0.0.1:{server.http}", "http").stream(
+        "Write a very long story about a dragon.", max_tokens=400, ignore_eos=True
+    )
+    for _, _chunk in zip(range(3), stream):
+        pass
+    stream.close()
+    deadline = time.monotonic() + 20
+    while server.metric("offramp_kv_pages_used") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.metric("offramp_kv_pages_used") == 0

@@ -90,6 +90,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._num_pending = 0
         self._drain_s = 30.0
+        self._deadline: float | None = None
         self._thread = threading.Thread(target=self._loop, name="offramp-engine", daemon=True)
 
     def start(self) -> None:
@@ -102,20 +103,21 @@ class AsyncEngine:
     def submit(self, handle: RequestHandle) -> None:
         """Queue a request; raises ``RequestError(code="unavailable")`` when the server is full."""
         with self._lock:
-            if self._stop.is_set():
+            if self._stop.is_set() or not self._thread.is_alive():
                 raise RequestError("the model is shutting down; retry on another instance", code="unavailable")
             if self._num_pending >= self.max_queued:
                 raise RequestError(
                     f"server busy: {self.max_queued} requests in flight; retry later", code="unavailable"
                 )
             self._num_pending += 1
-        self._inbox.put(handle)
+            self._inbox.put(handle)  # under the lock: shutdown cannot slip in between check and put
         self._wake.set()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking requests, let in-flight ones finish (up to ``timeout``), abort the rest, join."""
         self._drain_s = timeout
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
         self._wake.set()
         self._thread.join(timeout + 5.0)
 
@@ -132,25 +134,30 @@ class AsyncEngine:
             return
         finally:
             self._ready.set()
-        deadline = None
         while True:
-            self._admit()
-            self._cancel()
-            if self._stop.is_set():
-                deadline = deadline or time.monotonic() + self._drain_s
-                if not self._live or time.monotonic() > deadline:
-                    for handle in list(self._live.values()):
-                        self._abort(handle)
-                    self._refuse_queued()
+            try:
+                if self._iterate():
                     return
-            if self.engine.has_work:
-                try:
-                    self._step()
-                except Exception as exc:  # a fault must not strand requests: each gets its final event
-                    self._fail_all(RequestError(f"internal error in the engine: {exc!r}", code="internal"))
-            else:
-                self._wake.wait(0.05)
-                self._wake.clear()
+            except Exception as exc:  # a fault must not strand requests: each gets its final event
+                self._fail_all(RequestError(f"internal error in the engine: {exc!r}", code="internal"))
+
+    def _iterate(self) -> bool:
+        """One pass of the loop; True when the thread should end."""
+        self._admit()
+        self._cancel()
+        if self._stop.is_set():
+            self._deadline = self._deadline or time.monotonic() + self._drain_s
+            if not self._live or time.monotonic() > self._deadline:
+                for handle in list(self._live.values()):
+                    self._abort(handle)
+                self._refuse_queued()
+                return True
+        if self.engine.has_work:
+            self._step()
+        else:
+            self._wake.wait(0.05)
+            self._wake.clear()
+        return False
 
     def _refuse_queued(self) -> None:
         """Requests that raced with shutdown still get their one final (error) event."""
@@ -164,8 +171,10 @@ class AsyncEngine:
 
     def _fail_all(self, error: RequestError) -> None:
         for handle in list(self._live.values()):
-            self.engine.abort(handle.request_id)
-            self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
+            try:
+                self.engine.abort(handle.request_id)
+            finally:
+                self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
 
     def _admit(self) -> None:
         while True:
@@ -179,13 +188,24 @@ class AsyncEngine:
                 handle.detokenizer = IncrementalDetokenizer(self.engine.tokenizer, req.params.stop)
                 handle.seq = self.engine.add_request(handle.request_id, handle.prompt_token_ids, req.params)
                 self._live[handle.request_id] = handle
-            except (RequestError, ValueError) as exc:
-                error = exc if isinstance(exc, RequestError) else RequestError(str(exc))
+            except Exception as exc:  # bad input -> invalid; anything else -> internal, this request only
+                if isinstance(exc, RequestError):
+                    error = exc
+                elif isinstance(exc, ValueError):
+                    error = RequestError(str(exc))
+                else:
+                    error = RequestError(f"internal error while admitting the request: {exc!r}", code="internal")
+                if handle.seq is not None:
+                    self.engine.abort(handle.request_id)
                 self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
 
     def _cancel(self) -> None:
         for handle in list(self._live.values()):
-            if handle.is_cancelled():
+            try:
+                cancelled = handle.is_cancelled()
+            except Exception:  # the probe itself failed (the client is gone): treat as cancelled
+                cancelled = True
+            if cancelled:
                 self._abort(handle)
 
     def _abort(self, handle: RequestHandle) -> None:

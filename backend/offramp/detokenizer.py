@@ -46,5 +46,10 @@ class IncrementalDetokenizer:
         return piece
 
     def flush(self) -> str:
-        """The remaining text at the end of the request, cut at a stop string."""
+        """The remaining text at the end of the request, cut at a stop string. Tokens held back
+        for an unfinished character are decoded as they are (as a full decode would show them)."""
+        if self._read < len(self.token_ids):
+            before = self._decode(self.token_ids[self._prefix : self._read])
+            self.text += self._decode(self.token_ids[self._prefix :])[len(before) :]
+            self._prefix = self._read = len(self.token_ids)
         return self._take(final=True)

@@ -58,6 +58,8 @@ class LLMEngine:
         self.blocks = TorchBlockEngine(self.weights, self.kv, self.block_ranges)
         self.runner = ModelRunner(self.weights, self.blocks, self.pages, config, self.max_model_len)
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
+        if config.exit_policy != "none" or config.exit_gate is not None:
+            self.runner.policy(config.exit_policy if config.exit_policy != "none" else "softmax")  # fail at load
         self._generators: dict[int, torch.Generator] = {}
         self._seed_counter = itertools.count(config.seed)
         self._seqs: dict[str, Sequence] = {}
@@ -114,6 +116,8 @@ class LLMEngine:
                 f"prompt: {len(prompt_token_ids)} tokens + max_tokens {params.max_tokens} exceed the KV store "
                 f"({self.pages.num_pages * self.pages.page_size} tokens)"
             )
+        if params.exit_policy not in (None, "none"):
+            self.runner.policy(params.exit_policy)  # a policy that cannot run is refused here (ValueError)
         seq = Sequence(list(prompt_token_ids), params, request_id=request_id)
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else next(self._seed_counter)

@@ -73,7 +73,9 @@ class ModelRunner:
         """The item's (policy, threshold) if its token may leave early: decode tokens only."""
         seq = item.seq
         name = seq.params.exit_policy or self.config.exit_policy
-        if name == "none" or item.num_new_tokens != 1 or seq.num_computed_tokens < seq.num_prompt_tokens:
+        if name == "none" or item.num_new_tokens != 1 or not item.samples:
+            return None  # prompt chunks and recomputation after preemption run full depth
+        if seq.num_computed_tokens < seq.num_prompt_tokens:
             return None
         threshold = seq.params.exit_threshold
         return self.policy(name), self.config.exit_threshold if threshold is None else threshold

@@ -67,6 +67,14 @@ class OfframpClient:
             yield from self._grpc_stream(prompt, _stream, params)
 
     def is_ready(self) -> bool:
+        if self.protocol == "grpc":
+            import tritonclient.grpc as grpcclient
+            from tritonclient.utils import InferenceServerException
+
+            try:
+                return grpcclient.InferenceServerClient(self.url).is_model_ready(self.model)
+            except InferenceServerException:
+                return False
         try:
             with urllib.request.urlopen(f"http://{self._http_url()}/v2/models/{self.model}/ready", timeout=3) as r:
                 return r.status == 200
