@@ -103,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", choices=["hf"], default=None, help="also run HF transformers generate")
     bench.add_argument("--json", action="store_true", help="print only the JSON line")
     bench.add_argument("--output", default=None, help="append the JSON line to this file and draw a PNG beside it")
+    cal = sub.add_parser("calibrate", help="train low-rank exit shortcuts (one-jump and per-level) by distillation")
+    _engine_args(cal)
+    cal.add_argument("--out", required=True, help="directory for the heads (safetensors) and calibration.json")
+    cal.add_argument("--one-jump-depth", type=int, default=20, help="depth the one-jump shortcut is trained at")
+    cal.add_argument("--rank", type=int, default=64)
+    cal.add_argument("--steps", type=int, default=150)
+    cal.add_argument("--batch-size", type=int, default=256)
+    cal.add_argument("--lr", type=float, default=3e-3)
+    cal.add_argument("--max-tokens", type=int, default=64, help="tokens generated per calibration prompt")
+    cal.add_argument("--prompts-file", default=None, help="JSONL with a 'prompt' field (default: bundled set)")
+    cal.add_argument("--seed", type=int, default=0)
+
     serve = sub.add_parser("serve", help="run tritonserver with the Offramp model repository")
     serve.add_argument("--model", default=None, help="override engine.json's model ('default', dir or .gguf)")
     serve.add_argument("--model-repository", default="model_repository")
@@ -125,6 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         serve.add_argument(flag, type=kind, default=None, help="override engine.json")
     return parser
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from offramp.bench import load_prompts
+    from offramp.calibrate import TrainConfig, calibrate
+    from offramp.engine import LLMEngine
+
+    cfg = TrainConfig(rank=args.rank, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    prompts = load_prompts(args.prompts_file)
+    held = prompts[3::4]  # every fourth prompt is held out for evaluation
+    train = [p for i, p in enumerate(prompts) if i % 4 != 3]
+    if not held or not train:
+        raise ValueError("prompts-file: needs at least 4 prompts (one in four is held out)")
+    engine = LLMEngine(_config(args))
+    report = calibrate(
+        engine, train, held, Path(args.out), args.one_jump_depth, cfg, args.max_tokens, sys.stderr.isatty()
+    )
+    from offramp.calibrate import _as_json
+
+    print(json.dumps(_as_json(report)))
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -224,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}[args.command](args)
+        commands = {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve, "calibrate": cmd_calibrate}
+        return commands[args.command](args)
     except (ModelLoadError, ValueError, OSError) as exc:
         print(f"offramp: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

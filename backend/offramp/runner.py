@@ -133,13 +133,17 @@ class ModelRunner:
         return RunnerOutput(result, exit_layers)
 
     @torch.inference_mode()
-    def full_depth_argmax(self, token_ids: list[int], page_table: list[int], first: int) -> list[int]:
-        """Greedy choice of the full model after each prefix ``token_ids[:k + 1]``, ``k >= first``.
-
-        Runs all tokens as one full-depth prompt over the given pages (teacher forcing).
-        """
+    def full_depth_hidden(
+        self, token_ids: list[int], page_table: list[int], first: int, depths: tuple[int, ...] = ()
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Teacher forcing: run all tokens as one full-depth prompt over the given pages and return
+        the hidden states of rows ``first ..`` after each block end in ``depths`` and after the last
+        layer: ({depth: [n, hidden]}, [n, hidden])."""
         meta = build_metadata([SeqSlice(0, len(token_ids), page_table)], self.pages.page_size, self.cos, self.sin)
         hidden = F.embedding(torch.tensor(token_ids, dtype=torch.long), self.weights.embed)  # [n, hidden]
-        for b in range(self.blocks.num_blocks):
+        captured: dict[int, torch.Tensor] = {}
+        for b, (_, end) in enumerate(self.blocks.block_ranges):
             hidden = self.blocks.run_block(b, hidden, meta)
-        return final_logits(self.weights, hidden[first:]).argmax(-1).tolist()
+            if end in depths:
+                captured[end] = hidden[first:].clone()
+        return captured, hidden[first:]
