@@ -159,14 +159,18 @@ class AsyncEngine:
             self._wake.clear()
         return False
 
-    def _refuse_queued(self) -> None:
-        """Requests that raced with shutdown still get their one final (error) event."""
+    def _queued(self):
+        """Take every request waiting in the inbox, without blocking."""
         while True:
             try:
-                handle = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
-            error = RequestError("the model is shutting down; retry on another instance", code="unavailable")
+
+    def _refuse_queued(self) -> None:
+        """Requests that raced with shutdown still get their one final (error) event."""
+        error = RequestError("the model is shutting down; retry on another instance", code="unavailable")
+        for handle in self._queued():
             self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
 
     def _fail_all(self, error: RequestError) -> None:
@@ -177,11 +181,7 @@ class AsyncEngine:
                 self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
 
     def _admit(self) -> None:
-        while True:
-            try:
-                handle = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for handle in self._queued():
             try:
                 req = handle.request
                 handle.prompt_token_ids = self.engine.encode_for_serving(req.prompt)

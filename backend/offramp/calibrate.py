@@ -157,11 +157,11 @@ def calibrate(
         {f"{k}.{d}": t.contiguous() for d, pair in per_level.items() for k, t in zip(("down", "up"), pair)},
         str(out_dir / "per_level.safetensors"),
     )
-    (out_dir / "calibration.json").write_text(json.dumps(_as_json(report), indent=1))
+    (out_dir / "calibration.json").write_text(json.dumps(report_json(report), indent=1))
     return report
 
 
-def _as_json(report: CalibrationReport) -> dict:
+def report_json(report: CalibrationReport) -> dict:
     return {
         "depths": report.depths,
         "num_train_tokens": report.num_train_tokens,

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from offramp.bench import load_prompts
-    from offramp.calibrate import TrainConfig, calibrate
+    from offramp.calibrate import TrainConfig, calibrate, report_json
     from offramp.engine import LLMEngine
 
     cfg = TrainConfig(rank=args.rank, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
@@ -154,9 +154,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     report = calibrate(
         engine, train, held, Path(args.out), args.one_jump_depth, cfg, args.max_tokens, sys.stderr.isatty()
     )
-    from offramp.calibrate import _as_json
-
-    print(json.dumps(_as_json(report)))
+    print(json.dumps(report_json(report)))
     return 0
 
 
