@@ -17,16 +17,16 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check backend client tests model_repository
+	$(PY) -m ruff check backend client export tests model_repository
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check backend client tests model_repository
-	$(PY) -m ruff format --check backend client tests model_repository
+	$(PY) -m ruff check backend client export tests model_repository
+	$(PY) -m ruff format --check backend client export tests model_repository
 
 format: $(STAMP)
-	$(PY) -m ruff format backend client tests model_repository
-	$(PY) -m ruff check --fix backend client tests model_repository
+	$(PY) -m ruff format backend client export tests model_repository
+	$(PY) -m ruff check --fix backend client export tests model_repository
 
 # Triton on 8000 (HTTP) / 8001 (gRPC) / 8002 (metrics) with the default model; Ctrl-C stops it.
 serve: $(STAMP)

@@ -14,11 +14,16 @@ from offramp.modeling import ModelWeights, decoder_layer, project_kv
 class BlockEngine(ABC):
     """Hidden states in, hidden states out, for layers ``[start, end)`` of one block.
 
-    Implementations (PyTorch here; ONNX Runtime and TensorRT later) read and write the block's
-    layers' KV through the same paged store, so the runner can stop between any two blocks.
+    Implementations (PyTorch here; ONNX Runtime in ``ort_engine``, TensorRT in ``trt_engine``)
+    read and write the block's layers' KV through the same paged store, so the runner can stop
+    between any two blocks.
     """
 
-    def __init__(self, block_ranges: list[tuple[int, int]]) -> None:
+    name: str
+
+    def __init__(self, weights: ModelWeights, kv: KVStore, block_ranges: list[tuple[int, int]]) -> None:
+        self.weights = weights
+        self.kv = kv
         self.block_ranges = block_ranges
 
     @property
@@ -34,7 +39,6 @@ class BlockEngine(ABC):
     ) -> torch.Tensor:  # [num_tokens, hidden]
         """Run every layer of block ``block_idx`` on ``hidden`` (the tokens ``meta`` describes)."""
 
-    @abstractmethod
     def propagate_kv(
         self,
         hidden: torch.Tensor,  # [n, hidden] exit hidden states of tokens that left early
@@ -43,18 +47,19 @@ class BlockEngine(ABC):
         slots: torch.Tensor,  # [n] long
         from_layer: int,
     ) -> None:
-        """Fill K/V of layers ``from_layer ..`` for exited tokens from their exit hidden state (CALM)."""
+        """Fill K/V of layers ``from_layer ..`` for exited tokens from their exit hidden state (CALM).
+
+        Only each skipped layer's input norm and K/V projections run, in PyTorch for every engine.
+        """
+        for layer in range(from_layer, self.weights.shape.num_layers):
+            k, v = project_kv(self.weights.layers[layer], hidden, cos, sin, self.weights.shape)
+            self.kv.write(layer, slots, k, v)
 
 
 class TorchBlockEngine(BlockEngine):
     """The PyTorch reference implementation; every other engine is checked against it."""
 
     name = "torch"
-
-    def __init__(self, weights: ModelWeights, kv: KVStore, block_ranges: list[tuple[int, int]]) -> None:
-        super().__init__(block_ranges)
-        self.weights = weights
-        self.kv = kv
 
     def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         start, end = self.block_ranges[block_idx]
@@ -63,11 +68,3 @@ class TorchBlockEngine(BlockEngine):
                 self.weights.layers[layer], hidden, meta, self.kv.k[layer], self.kv.v[layer], self.weights.shape
             )
         return hidden
-
-    def propagate_kv(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, from_layer: int
-    ) -> None:
-        for layer in range(from_layer, self.weights.shape.num_layers):
-            k, v = project_kv(self.weights.layers[layer], hidden, cos, sin, self.weights.shape)
-            self.kv.k[layer].index_copy_(0, slots, k)
-            self.kv.v[layer].index_copy_(0, slots, v)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16")
-ENGINES = ("torch",)
+ENGINES = ("torch", "onnxruntime", "tensorrt")
 EXIT_POLICIES = ("none", "softmax", "similarity", "classifier")
 KV_FILLS = ("propagate", "recompute")
 
@@ -19,7 +19,8 @@ class EngineConfig:
 
     model: str = "default"
     dtype: str = "float32"
-    engine: str = "torch"
+    engine: str = "torch"  # torch | onnxruntime | tensorrt (exported blocks, see offramp export)
+    export_dir: str | None = None  # where the exported blocks live; None = a cache directory per model/layout
     block_size: int = 2  # decoder layers per block
     block_boundaries: tuple[int, ...] | None = None  # explicit layer indices where blocks start
     page_size: int = 16  # tokens per KV page
@@ -49,6 +50,10 @@ class EngineConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.engine != "torch" and self.dtype != "float32":
+            raise ValueError(f"dtype: the {self.engine} engine runs the float32 export; use dtype float32")
+        if self.export_dir is not None and (not isinstance(self.export_dir, str) or not self.export_dir):
+            raise ValueError("export_dir: must be a directory path")
         _positive("block_size", self.block_size)
         _positive("page_size", self.page_size)
         _positive("kv_budget_bytes", self.kv_budget_bytes)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from offramp.block_engine import TorchBlockEngine
+from offramp.block_engine import BlockEngine, TorchBlockEngine
 from offramp.config import EngineConfig
 from offramp.kv_store import KVStore, pages_for_budget
-from offramp.model_loader import eos_token_ids, load_tokenizer, load_weights, resolve_model
+from offramp.model_loader import cache_root, eos_token_ids, load_tokenizer, load_weights, resolve_model
 from offramp.modeling import final_logits
 from offramp.page_manager import PageManager
 from offramp.runner import ModelRunner
@@ -39,6 +41,14 @@ class RequestOutput:
     extra: dict = field(default_factory=dict)
 
 
+def default_export_dir(checkpoint: Path, config: EngineConfig) -> Path:
+    """Where exported blocks of this checkpoint and layout are cached when no export_dir is set."""
+    key = repr(
+        (str(checkpoint.resolve()), config.block_size, config.block_boundaries, config.page_size, config.exit_head)
+    )
+    return cache_root() / "export" / f"{checkpoint.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -53,10 +63,10 @@ class LLMEngine:
         self.num_layers = shape.num_layers
         self.max_model_len = self._max_model_len()
         num_pages = config.num_pages or pages_for_budget(shape, self.dtype, config.page_size, config.kv_budget_bytes)
-        self.kv = KVStore(shape, num_pages, config.page_size, self.dtype)
         self.pages = PageManager(num_pages, config.page_size)
         self.block_ranges = config.block_ranges(shape.num_layers)
-        self.blocks = TorchBlockEngine(self.weights, self.kv, self.block_ranges)
+        self.kv = KVStore(shape, num_pages, config.page_size, self.dtype, head_major=config.engine != "torch")
+        self.blocks = self._block_engine()
         self.runner = ModelRunner(self.weights, self.blocks, self.pages, config, self.max_model_len)
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
         if config.exit_policy != "none" or config.exit_gate is not None:
@@ -64,6 +74,23 @@ class LLMEngine:
         self._generators: dict[int, torch.Generator] = {}
         self._seed_counter = itertools.count(config.seed)
         self._seqs: dict[str, Sequence] = {}
+
+    def _block_engine(self) -> BlockEngine:
+        config = self.config
+        if config.engine == "torch":
+            return TorchBlockEngine(self.weights, self.kv, self.block_ranges)
+        from offramp_export import export_model  # exported engines: export (or reuse) first
+
+        export_dir = Path(config.export_dir) if config.export_dir else default_export_dir(self.checkpoint, config)
+        exit_head = Path(config.exit_head) if config.exit_head else None
+        result = export_model(config.model, self.block_ranges, config.page_size, export_dir, exit_head)
+        if config.engine == "onnxruntime":
+            from offramp.ort_engine import OrtBlockEngine
+
+            return OrtBlockEngine(self.weights, self.kv, self.block_ranges, result.directory, config.num_threads)
+        from offramp.trt_engine import TrtBlockEngine
+
+        return TrtBlockEngine(self.weights, self.kv, self.block_ranges, result.directory)
 
     def _max_model_len(self) -> int:
         limit = self.weights.shape.max_position_embeddings

@@ -1,0 +1,150 @@
+"""The ONNX Runtime block engine: each block is one exported ONNX graph (``offramp export``).
+
+Tensors are bound to the sessions without copies (I/O binding on the tensors' memory): the
+paged K/V stores go in as they are, the block's output and new K/V land in tensors allocated
+here. All sessions share one global thread pool (per-session pools spin against each other on a
+small machine). The CUDA or TensorRT execution provider is used when the installed
+``onnxruntime`` has one and the store lives on a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offramp.attention import AttentionGroup, AttentionMetadata
+from offramp.block_engine import BlockEngine
+from offramp.kv_store import KVStore
+from offramp.manifest import ExportManifest
+from offramp.modeling import ModelWeights
+
+_NUMPY = {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_, torch.float16: np.float16}
+_thread_pool_set = False
+
+
+def session_options(num_threads: int | None = None):
+    """Options for every ONNX Runtime session in this process: all share one global thread pool
+    (sized once, before the first session; later sessions must not ask for their own)."""
+    import onnxruntime as ort
+
+    global _thread_pool_set
+    if not _thread_pool_set:
+        ort.set_global_thread_pool_sizes(num_threads or torch.get_num_threads(), 1)
+        _thread_pool_set = True
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def group_mask(
+    positions: torch.Tensor,  # [B, T] long: each row's position in its sequence
+    context: int,  # C: slots gathered per sequence (whole pages)
+) -> torch.Tensor:  # [B, T, C + T] bool
+    """What each row attends to: stored slots at or before its position that no row of this step
+    rewrites, then the step's own rows at or before its position."""
+    slots = torch.arange(context)
+    rewritten = (slots[None, None, :] == positions[:, :, None]).any(1, keepdim=True)  # [B, 1, C]
+    past = (slots[None, None, :] <= positions[:, :, None]) & ~rewritten
+    new = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]
+    return torch.cat((past, new), dim=-1).contiguous()
+
+
+class OrtBlockEngine(BlockEngine):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        weights: ModelWeights,
+        kv: KVStore,
+        block_ranges: list[tuple[int, int]],
+        export_dir: Path,
+        num_threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        super().__init__(weights, kv, block_ranges)
+        if not kv.head_major:
+            raise ValueError("onnxruntime engine: the KV store must be head-major (KVStore(head_major=True))")
+        if kv.dtype != torch.float32:
+            raise ValueError("engine onnxruntime: dtype must be float32 (the exported graphs are float32)")
+        self.manifest = ExportManifest.load(export_dir)
+        self.manifest.check(block_ranges, kv.page_size, weights.shape.num_layers)
+        options = session_options(num_threads)
+        self.device = kv.k[0].device
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider",) if p in available] + providers
+        self.sessions = [
+            ort.InferenceSession(str(Path(export_dir) / b.file), options, providers=providers)
+            for b in self.manifest.blocks
+        ]
+        self.output_names = [o.name for o in self.sessions[0].get_outputs()]
+        self._prepared: tuple[AttentionMetadata, list[dict[str, torch.Tensor]]] | None = None
+
+    def _group_inputs(self, meta: AttentionMetadata) -> list[dict[str, torch.Tensor]]:
+        """Per attention group, the inputs every block shares (built once per step)."""
+        if self._prepared is not None and self._prepared[0] is meta:
+            return self._prepared[1]
+        prepared = []
+        for g in meta.groups:
+            rows = slice(g.row_start, g.row_end)
+            positions = meta.positions[rows].view(g.num_seqs, g.max_new)  # [B, T]
+            prepared.append(
+                {
+                    "cos": meta.cos[rows, 0].contiguous(),  # [n, head_dim]
+                    "sin": meta.sin[rows, 0].contiguous(),
+                    "page_ids": g.kv_pages.contiguous(),
+                    "mask": group_mask(positions, g.kv_pages.shape[1] * meta.page_size),
+                    "slots": meta.slot_mapping[rows],
+                }
+            )
+        self._prepared = (meta, prepared)
+        return prepared
+
+    def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        start, end = self.block_ranges[block_idx]
+        outs = [
+            self._run_group(block_idx, start, end, hidden[g.row_start : g.row_end].contiguous(), inputs, g)
+            for g, inputs in zip(meta.groups, self._group_inputs(meta))
+        ]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _run_group(
+        self, block_idx: int, start: int, end: int, hidden: torch.Tensor, inputs: dict, g: AttentionGroup
+    ) -> torch.Tensor:
+        session = self.sessions[block_idx]
+        binding = session.io_binding()
+        feeds = {"hidden": hidden, **{k: v for k, v in inputs.items() if k != "slots"}}
+        for i, layer in enumerate(range(start, end)):
+            feeds[f"k_store.{i}"], feeds[f"v_store.{i}"] = self.kv.k[layer], self.kv.v[layer]
+        for name, tensor in feeds.items():
+            self._bind(binding.bind_input, name, tensor)
+        n = hidden.shape[0]
+        s = self.weights.shape
+        out = torch.empty(n, s.hidden_size, dtype=hidden.dtype, device=hidden.device)  # [n, hidden]
+        new_kv = [
+            torch.empty(n, s.num_kv_heads, s.head_dim, dtype=hidden.dtype, device=hidden.device)
+            for _ in range(2 * (end - start))
+        ]  # [n, kv_heads, head_dim] each
+        for name, tensor in zip(self.output_names, [out, *new_kv]):
+            self._bind(binding.bind_output, name, tensor)
+        session.run_with_iobinding(binding)
+        for i, layer in enumerate(range(start, end)):
+            self.kv.write(layer, inputs["slots"], new_kv[2 * i], new_kv[2 * i + 1])
+        return out
+
+    @staticmethod
+    def _bind(bind, name: str, tensor: torch.Tensor) -> None:
+        device = tensor.device
+        bind(
+            name,
+            device.type,
+            device.index or 0,
+            _NUMPY[tensor.dtype],
+            list(tensor.shape),
+            tensor.data_ptr(),
+        )
