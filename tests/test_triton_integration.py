@@ -70,30 +70,12 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, default_checkpoint):
+def serve(log: Path, model: Path, *extra: str):
+    """Start ``offramp serve`` (tritonserver) on free ports, wait until ready, yield, stop it."""
     http, grpc, metrics = _free_ports(3)
-    log = tmp_path_factory.mktemp("triton") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "offramp.cli",
-        "serve",
-        "--model",
-        str(default_checkpoint),
-        "--model-repository",
-        str(REPO / "model_repository"),
-        "--http-port",
-        str(http),
-        "--grpc-port",
-        str(grpc),
-        "--metrics-port",
-        str(metrics),
-        "--max-queued-requests",
-        "24",
-        "--kv-budget-mb",
-        "256",
-    ]
+    cmd = [sys.executable, "-m", "offramp.cli", "serve", "--model", str(model)]
+    cmd += ["--model-repository", str(REPO / "model_repository"), "--http-port", str(http)]
+    cmd += ["--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     srv = Server(http, grpc, metrics, log)
@@ -109,6 +91,12 @@ def server(tmp_path_factory, default_checkpoint):
         proc.wait(60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, default_checkpoint):
+    log = tmp_path_factory.mktemp("triton") / "server.log"
+    yield from serve(log, default_checkpoint, "--max-queued-requests", "24", "--kv-budget-mb", "256")
 
 
 @pytest.fixture(scope="module")

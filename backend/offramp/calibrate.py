@@ -1,32 +1,53 @@
-"""``offramp calibrate``: train low-rank exit shortcuts by distillation (R3, OJFA).
+"""``offramp calibrate``: trained exits (R3 OJFA shortcuts, exit classifiers) and calibrated thresholds.
 
-1. The model generates answers to calibration prompts (no data download); one teacher-forced
-   full-depth pass per answer collects the hidden state at every exit depth and after the last
-   layer, at each position that predicted a generated token.
-2. A shortcut ``h -> h + up(down(h))`` is trained so that the final norm + LM head applied to it
-   matches the full model's next-token distribution (KL divergence):
-   - the one-jump shortcut: trained at one depth, used at every depth;
-   - per-level shortcuts: one per exit depth (the baseline it is measured against).
-3. Agreement with the full model's greedy token is measured on held-out prompts for the identity
-   head, the one-jump shortcut and the per-level shortcuts.
+1. Collect: the model answers calibration prompts (greedy, full depth); one teacher-forced pass per
+   answer collects, at each position that predicted a generated token, the hidden state at every
+   exit depth and after the last layer, and the similarity policy's score (cosine between the
+   hidden states before and after each exit depth's block). Cached in ``activations.pt``.
+2. Shortcuts ``h -> h + up(down(h))`` distilled to the full model's next-token distribution: the
+   one-jump shortcut (trained at one depth, used at all) and per-level shortcuts (one per depth).
+3. Exit classifiers: per exit depth, ``sigmoid(w . layer_norm(h) + b)`` (no affine), trained with
+   BCE to predict whether the *serving head's* greedy token equals the full model's.
+4. Thresholds: per policy and target agreement, the smallest threshold whose simulated exits on the
+   held-out activations keep agreement >= target (``evaluate.py``).
 
-The heads are written as safetensors that ``--exit-head`` loads.
+Writes the heads (``--exit-head``), ``classifier.safetensors`` (``--exit-classifier``),
+``calibration.json`` and ``engine.calibrated.json``. Each safetensors file records its settings; a
+rerun reuses a file whose settings match (unless ``force``), and the activations whose key matches.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from offramp import evaluate as ev
 from offramp.engine import LLMEngine
+from offramp.exits import ExitHead, IdentityHead, LowRankHead
 from offramp.modeling import ModelWeights, final_logits
 from offramp.sampling import SamplingParams
+from offramp.serving_config import SERVER_KEYS, ServingConfig, load_serving_config
+
+HEADS = ("identity", "one_jump", "per_level")
+FILES = {
+    "one_jump": "one_jump.safetensors",
+    "per_level": "per_level.safetensors",
+    "classifier": "classifier.safetensors",
+    "activations": "activations.pt",
+    "report": "calibration.json",
+    "engine": "engine.calibrated.json",
+}
 
 
 @dataclass(slots=True)
@@ -35,10 +56,17 @@ class Activations:
 
     at_depth: dict[int, torch.Tensor]  # depth -> [n, hidden]
     final: torch.Tensor  # [n, hidden] after the last layer
+    similarity: dict[int, torch.Tensor] = field(default_factory=dict)  # depth -> [n] cos(before block, after)
+    prompt_index: torch.Tensor | None = None  # [n] which prompt each row belongs to
+    prompts: list[str] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)  # per prompt
 
     @property
     def num_tokens(self) -> int:
         return self.final.shape[0]
+
+    def token_categories(self) -> list[str]:
+        return [self.categories[i] for i in self.prompt_index.tolist()]
 
 
 @dataclass(slots=True)
@@ -48,13 +76,17 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 3e-3
     seed: int = 0
+    classifier_steps: int = 300
+    classifier_lr: float = 1e-2
 
     def __post_init__(self) -> None:
-        for name in ("rank", "steps", "batch_size"):
-            if getattr(self, name) <= 0:
+        for name in ("rank", "steps", "batch_size", "classifier_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        for name in ("lr", "classifier_lr"):
+            if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive")
-        if not self.lr > 0:
-            raise ValueError("lr: must be positive")
 
 
 @dataclass(slots=True)
@@ -66,34 +98,155 @@ class CalibrationReport:
     rank: int
     agreement: dict[str, dict[int, float]] = field(default_factory=dict)  # head -> depth -> agreement
     params: dict[str, int] = field(default_factory=dict)
+    exit_depths: list[int] = field(default_factory=list)
+    thresholds: dict = field(default_factory=dict)  # serving head, targets, per policy: choice and sweep
+    calibrated: dict = field(default_factory=dict)  # the policy/threshold written to engine.calibrated.json
+    reused: list[str] = field(default_factory=list)  # cached or trained files reused from an earlier run
 
 
 def collect(
-    engine: LLMEngine, prompts: list[str], depths: tuple[int, ...], max_tokens: int, progress: bool
+    engine: LLMEngine,
+    prompts: list[str],
+    depths: tuple[int, ...],
+    max_tokens: int,
+    progress: bool,
+    categories: list[str] | None = None,
 ) -> Activations:
     """Generate answers (greedy, full depth) and collect hidden states by teacher forcing."""
     ids = [engine.encode(p) for p in prompts]
     outs = engine.generate(ids, SamplingParams(max_tokens=max_tokens, exit_policy="none"))
+    starts = {end: start for start, end in engine.block_ranges if end in depths}  # depth -> its block's start
+    capture = tuple(sorted(set(depths) | {s for s in starts.values() if s > 0}))
     at_depth: dict[int, list[torch.Tensor]] = {d: [] for d in depths}
-    finals = []
-    for prompt_ids, out in tqdm(list(zip(ids, outs)), desc="collect", disable=not progress, leave=False):
+    sims: dict[int, list[torch.Tensor]] = {d: [] for d in depths}
+    finals, owner = [], []
+    for i, (prompt_ids, out) in enumerate(tqdm(list(zip(ids, outs)), desc="collect", disable=not progress)):
         if not out.token_ids:
             continue
-        captured, final = engine.teacher_forced_hidden(prompt_ids, out.token_ids, depths)
+        captured, final = engine.teacher_forced_hidden(prompt_ids, out.token_ids, capture)
+        fed = torch.tensor((list(prompt_ids) + out.token_ids[:-1])[len(prompt_ids) - 1 :])
+        embedded = F.embedding(fed, engine.weights.embed)  # [k, hidden]: the input of the first block
         for d in depths:  # copies outside inference mode, so that training can use them
+            before = embedded if starts[d] == 0 else captured[starts[d]]
+            sims[d].append(F.cosine_similarity(captured[d].float(), before.float(), dim=-1).clone())  # [k]
             at_depth[d].append(captured[d].to(torch.float32, copy=True))
         finals.append(final.to(torch.float32, copy=True))
-    return Activations({d: torch.cat(v) for d, v in at_depth.items()}, torch.cat(finals))
+        owner.append(torch.full((final.shape[0],), i, dtype=torch.long))
+    if not finals:
+        raise ValueError("prompts: the model generated no tokens for any calibration prompt")
+    return Activations(
+        {d: torch.cat(v) for d, v in at_depth.items()},
+        torch.cat(finals),
+        {d: torch.cat(v) for d, v in sims.items()},
+        torch.cat(owner),
+        list(prompts),
+        list(categories) if categories is not None else ["all"] * len(prompts),
+    )
+
+
+def load_prompt_rows(path: str | None = None) -> list[dict]:
+    """``{"prompt", "category"}`` per line of a JSONL prompt file (the bundled set by default);
+    a line without a category gets "uncategorized"."""
+    from offramp.bench import load_prompts
+
+    prompts = load_prompts(path)  # validates every line
+    if path is None:
+        text = resources.files("offramp").joinpath("data/prompts.jsonl").read_text(encoding="utf-8")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [{"prompt": p, "category": str(r.get("category", "uncategorized"))} for p, r in zip(prompts, rows)]
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def activation_key(engine: LLMEngine, prompts: dict, depths: tuple[int, ...], max_tokens: int, seed: int) -> str:
+    """What the collected activations depend on: model, dtype, layout, prompts, max tokens, seed."""
+    return _digest(
+        {
+            "model": engine.config.model,
+            "checkpoint": str(engine.checkpoint),
+            "dtype": engine.config.dtype,
+            "engine": engine.config.engine,
+            "blocks": engine.block_ranges,
+            "depths": list(depths),
+            "chat": engine.config.use_chat_template,
+            "prompts": prompts,
+            "max_tokens": max_tokens,
+            "seed": seed,
+        }
+    )
+
+
+def _to_dict(a: Activations) -> dict:
+    return {f.name: getattr(a, f.name) for f in dataclasses.fields(Activations)}
+
+
+def load_activations(path: Path) -> tuple[str, Activations, Activations]:
+    """(key, train, held) from an ``activations.pt`` cache."""
+    try:
+        saved = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(f"{path}: cannot read cached activations ({exc}); run offramp calibrate") from None
+    return saved["key"], Activations(**saved["train"]), Activations(**saved["held"])
+
+
+def load_or_collect(
+    engine: LLMEngine,
+    prompts: dict,
+    depths: tuple[int, ...],
+    max_tokens: int,
+    seed: int,
+    path: Path,
+    progress: bool,
+) -> tuple[str, Activations, Activations, bool]:
+    """Cached activations when their key matches, else collect (train and held) and cache them."""
+    key = activation_key(engine, prompts, depths, max_tokens, seed)
+    if path.is_file():
+        try:
+            saved_key, train, held = load_activations(path)
+            if saved_key == key:
+                return key, train, held, True
+        except (ValueError, KeyError, TypeError):
+            pass
+        print(f"offramp: {path} was collected with other settings; collecting again", file=sys.stderr)
+    torch.manual_seed(seed)
+    train = collect(engine, prompts["train"], depths, max_tokens, progress)
+    held = collect(engine, prompts["held"], depths, max_tokens, progress, prompts["held_categories"])
+    torch.save({"key": key, "train": _to_dict(train), "held": _to_dict(held)}, path)
+    return key, train, held, False
 
 
 def _logits(weights: ModelWeights, h: torch.Tensor) -> torch.Tensor:
     return final_logits(weights, h.to(weights.embed.dtype)).float()  # [n, vocab]
 
 
+TEACHER_CACHE_ELEMENTS = 2**28  # 1 GiB of float32: beyond it the teacher is recomputed per step
+
+
+@torch.no_grad()
+def teacher_probs(weights: ModelWeights, final: torch.Tensor) -> torch.Tensor | None:
+    """The full model's next-token distribution [n, vocab] for every training row, computed once
+    and shared by every shortcut; None when it would not fit ``TEACHER_CACHE_ELEMENTS``."""
+    if final.shape[0] * weights.shape.vocab_size > TEACHER_CACHE_ELEMENTS:
+        return None
+    return torch.cat([_logits(weights, rows).softmax(-1) for rows in torch.split(final, 512)])
+
+
 def train_shortcut(
-    weights: ModelWeights, source: torch.Tensor, final: torch.Tensor, cfg: TrainConfig, progress: bool, desc: str
+    weights: ModelWeights,
+    source: torch.Tensor,
+    final: torch.Tensor,
+    cfg: TrainConfig,
+    progress: bool,
+    desc: str,
+    teacher: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down [rank, hidden], up [hidden, rank]) minimising KL(full model || head(h + up(down(h))))."""
+    """(down [rank, hidden], up [hidden, rank]) minimising KL(full model || head(h + up(down(h)))),
+    as cross-entropy against the full model's distribution (same gradient; the teacher's entropy is a
+    constant). ``teacher``: ``teacher_probs`` of ``final`` when cached."""
     gen = torch.Generator().manual_seed(cfg.seed)
     hidden = source.shape[1]
     down = (torch.randn(cfg.rank, hidden, generator=gen) / hidden**0.5).requires_grad_()
@@ -103,22 +256,131 @@ def train_shortcut(
     for _ in tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False):
         idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
         h = source[idx]
-        with torch.no_grad():
-            teacher = F.log_softmax(_logits(weights, final[idx]), dim=-1)  # [b, vocab]
-        student = F.log_softmax(_logits(weights, h + (h @ down.T) @ up.T), dim=-1)
-        loss = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        if teacher is not None:
+            target = teacher[idx]  # [b, vocab]
+        else:
+            with torch.no_grad():
+                target = _logits(weights, final[idx]).softmax(-1)  # [b, vocab]
+        loss = F.cross_entropy(_logits(weights, h + (h @ down.T) @ up.T), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return down.detach(), up.detach()
 
 
-@torch.inference_mode()
-def agreement(weights: ModelWeights, source: torch.Tensor, final: torch.Tensor, pair=None) -> float:
-    """Share of positions where the head's greedy token equals the full model's."""
-    h = source if pair is None else source + (source @ pair[0].T) @ pair[1].T
-    target = _logits(weights, final).argmax(-1)
-    return float((_logits(weights, h).argmax(-1) == target).float().mean())
+def train_classifier(source: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [hidden], bias [1]) of ``sigmoid(weight . layer_norm(h) + bias)`` fitted to ``labels``
+    [n] bool by binary cross-entropy (Adam, minibatches drawn with ``cfg.seed``)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = F.layer_norm(source.float(), source.shape[-1:])  # [n, hidden], no affine: as ClassifierExit
+    y = labels.float()  # [n]
+    rate = y.mean().clamp(1e-3, 1 - 1e-3)
+    weight = torch.zeros(x.shape[1], requires_grad=True)
+    bias = torch.log(rate / (1 - rate)).reshape(1).requires_grad_()  # starts at the base rate
+    opt = torch.optim.Adam([weight, bias], lr=cfg.classifier_lr)
+    n = x.shape[0]
+    for _ in range(cfg.classifier_steps):
+        idx = torch.randint(0, n, (min(4 * cfg.batch_size, n),), generator=gen)
+        loss = F.binary_cross_entropy_with_logits(x[idx] @ weight + bias, y[idx]) + 1e-3 * weight.square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return weight.detach(), bias.detach()
+
+
+def _is_current(path: Path, settings: dict, force: bool) -> bool:
+    """Whether ``path`` exists and was written with exactly ``settings`` (never under ``force``)."""
+    if force or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = json.loads((f.metadata() or {}).get("offramp", "null"))
+    except (OSError, ValueError):
+        return False
+    return saved == json.loads(json.dumps(settings))
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], settings: dict) -> None:
+    meta = {"offramp": json.dumps(settings, sort_keys=True)}
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(path), metadata=meta)
+
+
+@dataclass(slots=True)
+class _Run:
+    """What every training step of one calibration shares."""
+
+    engine: LLMEngine
+    cfg: TrainConfig
+    key: str  # the activations' key: trained files record it
+    out_dir: Path
+    force: bool
+    progress: bool
+    reused: list[str]
+
+
+def _shortcuts(run: _Run, train: Activations, depths: tuple[int, ...], one_jump_depth: int) -> dict:
+    """Train (or reuse) and write the one-jump and per-level shortcuts; returns their settings."""
+    w, cfg = run.engine.weights, run.cfg
+    common = {"activations": run.key, "rank": cfg.rank, "steps": cfg.steps, "batch_size": cfg.batch_size}
+    common |= {"lr": cfg.lr, "seed": cfg.seed}
+    settings = {
+        "one_jump": {**common, "kind": "one_jump", "depth": one_jump_depth},
+        "per_level": {**common, "kind": "per_level", "depths": list(depths)},
+    }
+    todo = [k for k in settings if not _is_current(run.out_dir / FILES[k], settings[k], run.force)]
+    run.reused += [FILES[k] for k in settings if k not in todo]
+    teacher = teacher_probs(w, train.final) if todo else None
+    if "one_jump" in todo:
+        pair = train_shortcut(w, train.at_depth[one_jump_depth], train.final, cfg, run.progress, "one-jump", teacher)
+        _save(run.out_dir / FILES["one_jump"], dict(zip(("down", "up"), pair)), settings["one_jump"])
+    if "per_level" in todo:
+        tensors = {}
+        for d in tqdm(depths, desc="per-level shortcuts", disable=not run.progress):
+            pair = train_shortcut(w, train.at_depth[d], train.final, cfg, False, "", teacher)
+            tensors[f"down.{d}"], tensors[f"up.{d}"] = pair
+        _save(run.out_dir / FILES["per_level"], tensors, settings["per_level"])
+    return settings
+
+
+def load_head(weights: ModelWeights, name: str, out_dir: Path) -> ExitHead:
+    if name not in HEADS:
+        raise ValueError(f"serve_head: {name!r} is not one of {', '.join(HEADS)}")
+    return IdentityHead(weights) if name == "identity" else LowRankHead(weights, out_dir / FILES[name])
+
+
+def _classifier(run: _Run, train: Activations, exit_depths: list[int], head_name: str, head_settings) -> None:
+    """Train (or reuse) and write ``classifier.safetensors`` predicting the correctness of ``head_name``."""
+    cfg = run.cfg
+    settings = {"activations": run.key, "head": head_name, "head_settings": head_settings, "depths": exit_depths}
+    settings |= {"steps": cfg.classifier_steps, "lr": cfg.classifier_lr, "batch_size": cfg.batch_size}
+    settings |= {"seed": cfg.seed}
+    path = run.out_dir / FILES["classifier"]
+    if _is_current(path, settings, run.force):
+        run.reused.append(FILES["classifier"])
+        return
+    w = run.engine.weights
+    head = load_head(w, head_name, run.out_dir)
+    outputs = ev.head_outputs(w, head, train, exit_depths, run.progress, "classifier labels")
+    correct = outputs.tokens == ev.full_tokens(w, train.final)  # [D, n]
+    tensors = {}
+    for i, d in enumerate(exit_depths):
+        tensors[f"weight.{d}"], tensors[f"bias.{d}"] = train_classifier(train.at_depth[d], correct[i], cfg)
+    _save(path, tensors, settings)
+
+
+def engine_json(engine: LLMEngine, chosen: dict, head_path: Path | None, classifier: Path) -> dict:
+    """``engine.json`` settings (as ``serving_config`` reads them) serving the chosen policy."""
+    raw = dataclasses.asdict(engine.config)
+    model = Path(raw["model"])
+    if raw["model"] != "default" and model.exists():
+        raw["model"] = str(model.resolve())
+    raw |= {"exit_policy": chosen["policy"], "exit_gate": None, "exit_classifier": str(classifier.resolve())}
+    raw["exit_head"] = str(head_path.resolve()) if head_path is not None else None
+    if chosen["threshold"] is not None:
+        raw["exit_threshold"] = chosen["threshold"]
+    raw = {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items() if v is not None}
+    server = {f.name: f.default for f in dataclasses.fields(ServingConfig) if f.name in SERVER_KEYS}
+    return raw | server
 
 
 def calibrate(
@@ -130,44 +392,76 @@ def calibrate(
     cfg: TrainConfig,
     max_tokens: int = 64,
     progress: bool = True,
+    *,
+    eval_categories: list[str] | None = None,
+    targets: tuple[float, ...] = (0.95,),
+    serve_head: str = "one_jump",
+    force: bool = False,
 ) -> CalibrationReport:
-    """Collect, train one-jump and per-level shortcuts, evaluate; write heads and a JSON report."""
-    depths = tuple(sorted(engine.runner.loop.exit_depths | {one_jump_depth}))
+    """Collect (or reuse) activations, train shortcuts and classifiers, measure agreement, pick
+    thresholds; write the heads, ``calibration.json`` and ``engine.calibrated.json``."""
+    exit_depths = sorted(engine.runner.loop.exit_depths)
+    depths = tuple(sorted(set(exit_depths) | {one_jump_depth}))
     if one_jump_depth not in {end for _, end in engine.block_ranges} or one_jump_depth >= engine.num_layers:
         raise ValueError(f"one_jump_depth: {one_jump_depth} is not an exit depth (a block end before the last layer)")
-    torch.manual_seed(cfg.seed)
-    train = collect(engine, train_prompts, depths, max_tokens, progress)
-    held = collect(engine, eval_prompts, depths, max_tokens, progress)
-    w = engine.weights
-    one_jump = train_shortcut(
-        w, train.at_depth[one_jump_depth], train.final, cfg, progress, f"one-jump@{one_jump_depth}"
-    )
-    per_level = {d: train_shortcut(w, train.at_depth[d], train.final, cfg, progress, f"level {d}") for d in depths}
-    report = CalibrationReport(list(depths), train.num_tokens, held.num_tokens, one_jump_depth, cfg.rank)
-    report.agreement = {
-        "identity": {d: agreement(w, held.at_depth[d], held.final) for d in depths},
-        "one_jump": {d: agreement(w, held.at_depth[d], held.final, one_jump) for d in depths},
-        "per_level": {d: agreement(w, held.at_depth[d], held.final, per_level[d]) for d in depths},
-    }
-    size = one_jump[0].numel() + one_jump[1].numel()
-    report.params = {"one_jump": size, "per_level": size * len(depths)}
+    if not exit_depths:
+        raise ValueError("exit_points: this layout has no exit depth (check --block-size / --min-exit-layer)")
+    if serve_head not in HEADS:
+        raise ValueError(f"serve_head: {serve_head!r} is not one of {', '.join(HEADS)}")
+    if not targets or any(not 0 < t <= 1 for t in targets):
+        raise ValueError(f"target_agreement: each must be in (0, 1], got {list(targets)}")
+    if eval_categories is not None and len(eval_categories) != len(eval_prompts):
+        raise ValueError("eval_categories: needs one category per held-out prompt")
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"down": one_jump[0].contiguous(), "up": one_jump[1].contiguous()}, str(out_dir / "one_jump.safetensors"))
-    save_file(
-        {f"{k}.{d}": t.contiguous() for d, pair in per_level.items() for k, t in zip(("down", "up"), pair)},
-        str(out_dir / "per_level.safetensors"),
+    prompts = {"train": list(train_prompts), "held": list(eval_prompts)}
+    prompts["held_categories"] = list(eval_categories) if eval_categories else ["all"] * len(eval_prompts)
+    key, train, held, cached = load_or_collect(
+        engine, prompts, depths, max_tokens, cfg.seed, out_dir / FILES["activations"], progress
     )
-    (out_dir / "calibration.json").write_text(json.dumps(report_json(report), indent=1))
+    report = CalibrationReport(list(depths), train.num_tokens, held.num_tokens, one_jump_depth, cfg.rank)
+    report.exit_depths, report.reused = exit_depths, [FILES["activations"]] if cached else []
+    run = _Run(engine, cfg, key, out_dir, force, progress, report.reused)
+    head_settings = _shortcuts(run, train, depths, one_jump_depth)
+    _classifier(run, train, exit_depths, serve_head, head_settings.get(serve_head))
+    _finish(engine, held, report, out_dir, serve_head, targets)
     return report
+
+
+def _finish(engine, held, report: CalibrationReport, out_dir: Path, serve_head: str, targets) -> None:
+    """Held-out agreement per head, thresholds for the serving head; write the engine config and report."""
+    w = engine.weights
+    full = ev.full_tokens(w, held.final)
+    for name in HEADS:
+        head = load_head(w, name, out_dir)
+        outputs = ev.head_outputs(w, head, held, report.depths, progress=False)
+        report.agreement[name] = ev.agreement_by_depth(outputs, full)
+        if name == serve_head:
+            serving = (outputs.at(report.exit_depths), ev.exit_costs(w, head))
+    report.params = {k: sum(t.numel() for t in load_file(str(out_dir / FILES[k])).values()) for k in HEADS[1:]}
+    classifier = out_dir / FILES["classifier"]
+    report.thresholds = {"exit_head": serve_head, "targets": list(targets)}
+    report.thresholds |= ev.calibrate_thresholds(held, serving[0], full, serving[1], classifier, targets)
+    chosen = ev.choose_policy(report.thresholds, targets[0])
+    head_path = None if serve_head == "identity" else out_dir / FILES[serve_head]
+    settings = engine_json(engine, chosen, head_path, classifier)
+    (out_dir / FILES["engine"]).write_text(json.dumps(settings, indent=1) + "\n")
+    load_serving_config(out_dir / FILES["engine"])  # what we wrote must load as a served engine.json
+    report.calibrated = {**chosen, "exit_head": serve_head, "engine_config": FILES["engine"]}
+    report.calibrated |= {"exit_head_file": settings.get("exit_head"), "exit_classifier": settings["exit_classifier"]}
+    (out_dir / FILES["report"]).write_text(json.dumps(report_json(report), indent=1) + "\n")
 
 
 def report_json(report: CalibrationReport) -> dict:
     return {
         "depths": report.depths,
+        "exit_depths": report.exit_depths,
         "num_train_tokens": report.num_train_tokens,
         "num_eval_tokens": report.num_eval_tokens,
         "one_jump_depth": report.one_jump_depth,
         "rank": report.rank,
         "params": report.params,
         "agreement": {head: {str(d): round(a, 4) for d, a in v.items()} for head, v in report.agreement.items()},
+        "thresholds": report.thresholds,
+        "calibrated": report.calibrated,
+        "reused": report.reused,
     }

@@ -1,4 +1,4 @@
-"""The ``offramp`` command: ``generate`` and ``bench`` (``serve`` and ``export`` come later)."""
+"""The ``offramp`` command: ``generate``, ``bench``, ``serve``, ``export``, ``calibrate``, ``eval``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from offramp.config import DTYPES, EXIT_POLICIES, KV_FILLS, EngineConfig
+from offramp.config import DTYPES, ENGINES, EXIT_POLICIES, KV_FILLS, EngineConfig
 from offramp.model_loader import ModelLoadError
 from offramp.sampling import SamplingParams
 
@@ -16,7 +16,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
     g.add_argument("--dtype", default="float32", choices=DTYPES)
-    g.add_argument("--engine", default="torch", choices=["torch"])
+    g.add_argument(
+        "--engine", default="torch", choices=ENGINES, help="block engine (exported ones export on first use)"
+    )
+    g.add_argument("--export-dir", default=None, help="exported blocks (default: a cache directory per model/layout)")
     g.add_argument("--block-size", type=int, default=2, help="decoder layers per block")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     g.add_argument("--num-pages", type=int, default=None, help="KV budget in pages (overrides --kv-budget-mb)")
@@ -49,6 +52,7 @@ def _config(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         dtype=args.dtype,
         engine=args.engine,
+        export_dir=args.export_dir,
         block_size=args.block_size,
         page_size=args.page_size,
         num_pages=args.num_pages,
@@ -114,6 +118,45 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-tokens", type=int, default=64, help="tokens generated per calibration prompt")
     cal.add_argument("--prompts-file", default=None, help="JSONL with a 'prompt' field (default: bundled set)")
     cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument(
+        "--target-agreement",
+        action="append",
+        default=None,
+        help="token agreement the thresholds must keep (default 0.95); repeat or comma-separate for several",
+    )
+    cal.add_argument(
+        "--classifier-head",
+        default="one_jump",
+        choices=["one_jump", "identity", "per_level"],
+        help="the head you will serve with: the exit classifier predicts its correctness, thresholds are "
+        "calibrated for it and engine.calibrated.json uses it",
+    )
+    cal.add_argument("--classifier-steps", type=int, default=300)
+    cal.add_argument("--force", action="store_true", help="retrain even when files with the same settings exist")
+
+    ev = sub.add_parser("eval", help="offline early-exit trade-off report from an offramp calibrate directory")
+    ev.add_argument("--calibration", required=True, help="the directory offramp calibrate wrote")
+    ev.add_argument("--output", default="docs/eval", help="directory for report.json, report.md and PNGs")
+    ev.add_argument("--model", default=None, help="override the calibrated engine's model")
+    ev.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ev.add_argument("--thresholds", action="append", default=[], help="POLICY=T1,T2,... (replaces that policy's grid)")
+    ev.add_argument("--measure", action="store_true", help="also run offramp bench: calibrated policy vs full depth")
+    ev.add_argument("--num-requests", type=int, default=32)
+    ev.add_argument("--concurrency", type=int, default=16)
+    ev.add_argument("--max-tokens", type=int, default=32)
+
+    exp = sub.add_parser("export", help="write every block, the embedding and the heads as ONNX (TensorRT on GPUs)")
+    exp.add_argument(
+        "--model", default="default", help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf"
+    )
+    exp.add_argument("--block-size", type=int, default=2, help="decoder layers per block")
+    exp.add_argument("--block-boundaries", default=None, help="comma-separated first layers of blocks, e.g. 0,10,20")
+    exp.add_argument("--page-size", type=int, default=16, help="tokens per KV page (the graphs read whole pages)")
+    exp.add_argument("--exit-head", default=None, help="trained shortcut safetensors to export as exit heads")
+    exp.add_argument("--output", default="model_repository/offramp/1/export", help="export directory")
+    exp.add_argument("--force", action="store_true", help="re-export even when an up-to-date export is there")
+    exp.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (NVIDIA GPU + tensorrt)")
+    exp.add_argument("--trt-precision", default="fp16", choices=["fp32", "fp16", "bf16"])
 
     serve = sub.add_parser("serve", help="run tritonserver with the Offramp model repository")
     serve.add_argument("--model", default=None, help="override engine.json's model ('default', dir or .gguf)")
@@ -125,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
     for flag, kind in (
         ("--dtype", str),
+        ("--engine", str),
+        ("--export-dir", str),
         ("--block-size", int),
         ("--kv-budget-mb", int),
         ("--max-num-seqs", int),
@@ -139,22 +184,116 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from offramp_export import export_model
+
+    config = EngineConfig(
+        model=args.model,
+        block_size=args.block_size,
+        block_boundaries=_int_list("block-boundaries", args.block_boundaries),
+        page_size=args.page_size,
+        exit_head=args.exit_head,
+    )
+    from offramp.model_loader import load_config, model_shape, resolve_model
+
+    num_layers = model_shape(load_config(resolve_model(config.model))).num_layers
+    exit_head = Path(args.exit_head) if args.exit_head else None
+    result = export_model(
+        config.model, config.block_ranges(num_layers), config.page_size, Path(args.output), exit_head, args.force
+    )
+    summary = {
+        "directory": str(result.directory),
+        "reused": result.reused,
+        "seconds": round(result.seconds, 2),
+        "blocks": len(result.manifest.blocks),
+        "exit_heads": sorted(result.manifest.exit_heads),
+        "bytes": sum(p.stat().st_size for p in result.directory.rglob("*") if p.is_file()),
+    }
+    if args.tensorrt:
+        from offramp_export.tensorrt_build import TensorRTUnavailable, build_engines
+
+        try:
+            built = build_engines(result.directory, args.trt_precision)
+            summary["tensorrt"] = {"engines": len(built.engines), "reused": built.reused, "seconds": built.seconds}
+        except TensorRTUnavailable as exc:
+            summary["tensorrt"] = f"skipped: {exc}"
+            print(f"offramp export: TensorRT skipped: {exc}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from offramp.bench import load_prompts
-    from offramp.calibrate import TrainConfig, calibrate, report_json
+    from offramp.calibrate import TrainConfig, calibrate, load_prompt_rows, report_json
     from offramp.engine import LLMEngine
 
-    cfg = TrainConfig(rank=args.rank, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    prompts = load_prompts(args.prompts_file)
-    held = prompts[3::4]  # every fourth prompt is held out for evaluation
-    train = [p for i, p in enumerate(prompts) if i % 4 != 3]
+    cfg = TrainConfig(
+        rank=args.rank,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        classifier_steps=args.classifier_steps,
+    )
+    rows = load_prompt_rows(args.prompts_file)
+    held = rows[3::4]  # every fourth prompt is held out for evaluation
+    train = [r["prompt"] for i, r in enumerate(rows) if i % 4 != 3]
     if not held or not train:
         raise ValueError("prompts-file: needs at least 4 prompts (one in four is held out)")
+    try:
+        targets = tuple(float(t) for arg in args.target_agreement or ["0.95"] for t in arg.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"target_agreement: expected numbers, got {args.target_agreement}") from None
     engine = LLMEngine(_config(args))
     report = calibrate(
-        engine, train, held, Path(args.out), args.one_jump_depth, cfg, args.max_tokens, sys.stderr.isatty()
+        engine,
+        train,
+        [r["prompt"] for r in held],
+        Path(args.out),
+        args.one_jump_depth,
+        cfg,
+        args.max_tokens,
+        sys.stderr.isatty(),
+        eval_categories=[r["category"] for r in held],
+        targets=targets,
+        serve_head=args.classifier_head,
+        force=args.force,
     )
-    print(json.dumps(report_json(report)))
+    summary = report_json(report)
+    summary["thresholds"] = summary["thresholds"]["policies"]  # the sweeps are in calibration.json
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from offramp.calibrate import FILES, load_activations
+    from offramp.engine import LLMEngine
+    from offramp.evaluate import DEFAULT_THRESHOLDS, EvalConfig, evaluate, write_report
+    from offramp.serving_config import load_serving_config
+
+    cal_dir = Path(args.calibration)
+    thresholds = dict(DEFAULT_THRESHOLDS)
+    for item in args.thresholds:
+        policy, _, values = item.partition("=")
+        try:
+            thresholds[policy.strip()] = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"thresholds: expected POLICY=T1,T2,..., got {item!r}") from None
+    cfg = EvalConfig(
+        cal_dir,
+        Path(args.output),
+        thresholds,
+        measure=args.measure,
+        num_requests=args.num_requests,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+    )
+    overrides = {k: v for k, v in (("model", args.model), ("num_threads", args.num_threads)) if v is not None}
+    engine = LLMEngine(load_serving_config(cal_dir / FILES["engine"], overrides).engine)
+    _, _, held = load_activations(cal_dir / FILES["activations"])
+    report = evaluate(engine, held, cfg, sys.stderr.isatty())
+    paths = write_report(report, cfg.output_dir)
+    print(json.dumps(report["summary"]))
+    print(f"offramp: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0
 
 
@@ -164,6 +303,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = (
         "model",
         "dtype",
+        "engine",
+        "export_dir",
         "block_size",
         "max_num_seqs",
         "exit_policy",
@@ -174,6 +315,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_queued_requests",
     )
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    for key in ("export_dir", "exit_head"):  # the server runs elsewhere: pass absolute paths
+        if key in overrides:
+            overrides[key] = str(Path(overrides[key]).resolve())
     if args.kv_budget_mb is not None:
         overrides["kv_budget_bytes"] = args.kv_budget_mb * 1024 * 1024
     return run_server(
@@ -256,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve, "calibrate": cmd_calibrate}
+        commands["eval"] = cmd_eval
+        commands["export"] = cmd_export
         return commands[args.command](args)
     except (ModelLoadError, ValueError, OSError) as exc:
         print(f"offramp: error: {str(exc).splitlines()[0]}", file=sys.stderr)

@@ -21,6 +21,7 @@ class EngineConfig:
     dtype: str = "float32"
     engine: str = "torch"  # torch | onnxruntime | tensorrt (exported blocks, see offramp export)
     export_dir: str | None = None  # where the exported blocks live; None = a cache directory per model/layout
+    trt_precision: str = "fp16"  # tensorrt engine: fp32 | fp16 | bf16 inside the engines (I/O stays float32)
     block_size: int = 2  # decoder layers per block
     block_boundaries: tuple[int, ...] | None = None  # explicit layer indices where blocks start
     page_size: int = 16  # tokens per KV page
@@ -52,6 +53,8 @@ class EngineConfig:
             raise ValueError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.engine != "torch" and self.dtype != "float32":
             raise ValueError(f"dtype: the {self.engine} engine runs the float32 export; use dtype float32")
+        if self.trt_precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"trt_precision: {self.trt_precision!r} is not one of fp32, fp16, bf16")
         if self.export_dir is not None and (not isinstance(self.export_dir, str) or not self.export_dir):
             raise ValueError("export_dir: must be a directory path")
         _positive("block_size", self.block_size)

@@ -65,7 +65,17 @@ class LLMEngine:
         num_pages = config.num_pages or pages_for_budget(shape, self.dtype, config.page_size, config.kv_budget_bytes)
         self.pages = PageManager(num_pages, config.page_size)
         self.block_ranges = config.block_ranges(shape.num_layers)
-        self.kv = KVStore(shape, num_pages, config.page_size, self.dtype, head_major=config.engine != "torch")
+        if config.engine == "tensorrt":
+            from offramp_export.tensorrt_build import TensorRTUnavailable, check_tensorrt
+
+            try:
+                check_tensorrt()
+            except TensorRTUnavailable as exc:
+                raise ValueError(f"engine tensorrt: {exc}; use engine onnxruntime or torch on this machine") from None
+        kv_device = torch.device("cuda") if config.engine == "tensorrt" else torch.device("cpu")
+        self.kv = KVStore(
+            shape, num_pages, config.page_size, self.dtype, [kv_device] * shape.num_layers, config.engine != "torch"
+        )
         self.blocks = self._block_engine()
         self.runner = ModelRunner(self.weights, self.blocks, self.pages, config, self.max_model_len)
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
@@ -89,8 +99,16 @@ class LLMEngine:
 
             return OrtBlockEngine(self.weights, self.kv, self.block_ranges, result.directory, config.num_threads)
         from offramp.trt_engine import TrtBlockEngine
+        from offramp_export.tensorrt_build import ProfileLimits, TensorRTUnavailable, build_engines
 
-        return TrtBlockEngine(self.weights, self.kv, self.block_ranges, result.directory)
+        limits = ProfileLimits(
+            config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.kv.num_pages * config.page_size
+        )
+        try:
+            build_engines(result.directory, config.trt_precision, limits, self.weights.shape.num_kv_heads)
+        except TensorRTUnavailable as exc:
+            raise ValueError(f"engine tensorrt: {exc}; use engine onnxruntime or torch on this machine") from None
+        return TrtBlockEngine(self.weights, self.kv, self.block_ranges, result.directory, config.trt_precision)
 
     def _max_model_len(self) -> int:
         limit = self.weights.shape.max_position_embeddings

@@ -161,11 +161,18 @@ class ClassifierExit(ExitPolicy):
         self.weight = {int(k.split(".")[1]): v.float() for k, v in tensors.items() if k.startswith("weight.")}
         self.bias = {int(k.split(".")[1]): v.float() for k, v in tensors.items() if k.startswith("bias.")}
 
+    def probability(self, hidden: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """[n, hidden] -> [n] predicted probability that the exit head's token is the full model's;
+        None where this layer has no classifier."""
+        if layer not in self.weight:
+            return None
+        h = F.layer_norm(hidden.float(), hidden.shape[-1:])
+        return torch.sigmoid(h @ self.weight[layer] + self.bias[layer])  # [n]
+
     def decide(self, check: ExitCheck) -> ExitDecision:
-        if check.layer not in self.weight:
+        prob = self.probability(check.hidden, check.layer)
+        if prob is None:
             return ExitDecision(torch.zeros(check.hidden.shape[0], dtype=torch.bool))
-        h = F.layer_norm(check.hidden.float(), check.hidden.shape[-1:])
-        prob = torch.sigmoid(h @ self.weight[check.layer] + self.bias[check.layer])  # [n]
         return ExitDecision(prob >= check.thresholds)
 
 

@@ -61,7 +61,10 @@ class KVStore:
         k: torch.Tensor,  # [n, kv_heads, head_dim]
         v: torch.Tensor,  # [n, kv_heads, head_dim]
     ) -> None:
-        """Store the K/V of ``n`` tokens of ``layer`` at ``slots``."""
+        """Store the K/V of ``n`` tokens of ``layer`` at ``slots`` (moved to the store's device)."""
+        device = self.k[layer].device
+        if k.device != device:
+            slots, k, v = slots.to(device), k.to(device, self.dtype), v.to(device, self.dtype)
         if self.head_major:
             self.k[layer].index_copy_(1, slots, k.transpose(0, 1))
             self.v[layer].index_copy_(1, slots, v.transpose(0, 1))

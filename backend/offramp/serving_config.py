@@ -10,6 +10,7 @@ from pathlib import Path
 from offramp.config import EngineConfig
 
 SERVER_KEYS = ("max_queued_requests", "default_max_tokens", "max_prompt_chars")
+PATH_KEYS = ("export_dir", "exit_head", "exit_classifier")  # relative paths are relative to engine.json
 
 
 @dataclass(slots=True)
@@ -36,6 +37,9 @@ def load_serving_config(path: Path, overrides: dict | None = None) -> ServingCon
         raise ValueError(f"{path}: cannot read engine settings: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: must hold a JSON object")
+    for key in PATH_KEYS:
+        if isinstance(raw.get(key), str) and raw[key] and not Path(raw[key]).is_absolute():
+            raw[key] = str(Path(path).parent / raw[key])
     raw.update(overrides or {})
     engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
     unknown = sorted(set(raw) - engine_keys - set(SERVER_KEYS))

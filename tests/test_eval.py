@@ -1,0 +1,106 @@
+"""``offramp eval``: the offline trade-off report (JSON summary, charts, Markdown) and its inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from offramp.calibrate import load_prompt_rows
+from offramp.cli import main
+
+CATEGORIES = ("factual", "classification", "longform", "code")
+SUMMARY_KEYS = {
+    "identity_agreement_at_20",
+    "one_jump_agreement_at_20",
+    "per_level_agreement_at_20",
+    "one_jump_params",
+    "per_level_params",
+    "calibrated_threshold",
+    "calibrated_token_agreement",
+    "calibrated_speedup",
+}
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    prompts = root / "prompts.jsonl"
+    rows = [
+        {"prompt": " ".join(f"w{(i * 13 + j) % 120}" for j in range(8)), "category": CATEGORIES[i // 4]}
+        for i in range(16)
+    ]  # prompts 3, 7, 11, 15 are held out: one per category
+    prompts.write_text("\n".join(json.dumps(r) for r in rows))
+    argv = ["calibrate", "--model", str(tiny_models["llama"]), "--block-size", "1", "--page-size", "4", "--raw"]
+    argv += [
+        "--out",
+        str(root / "cal"),
+        "--one-jump-depth",
+        "2",
+        "--rank",
+        "8",
+        "--steps",
+        "40",
+        "--classifier-steps",
+        "60",
+    ]
+    argv += ["--max-tokens", "12", "--prompts-file", str(prompts), "--target-agreement", "0.6,0.9"]
+    assert main(argv) == 0
+    return root
+
+
+def test_eval_writes_report_charts_and_markdown(calibration, capsys):
+    capsys.readouterr()
+    out = calibration / "report"
+    assert main(["eval", "--calibration", str(calibration / "cal"), "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
+    summary = report["summary"]
+    assert printed == summary and SUMMARY_KEYS <= set(summary)
+    assert summary["at_20_depth"] == 3 and "nearest" in summary["at_20_note"]  # a 4-layer model has no depth 20
+    cal = json.loads((calibration / "cal" / "calibration.json").read_text())
+    for head in ("identity", "one_jump", "per_level"):
+        assert summary[f"{head}_agreement_at_20"] == cal["agreement"][head]["3"]
+    assert summary["per_level_params"] == 3 * summary["one_jump_params"]
+    assert summary["calibrated_threshold"] == cal["calibrated"]["threshold"]
+    assert summary["calibrated_token_agreement"] >= cal["calibrated"]["target"] == 0.6
+    assert summary["calibrated_speedup"] is None and report["measured"] is None
+    assert set(report["agreement_by_category"]["identity"]) == set(CATEGORIES)
+    assert {(r["head"], r["policy"]) for r in report["sweeps"]} >= {
+        (h, p) for h in ("identity", "one_jump", "per_level") for p in ("softmax", "similarity")
+    } | {("one_jump", "classifier")}
+    for row in report["sweeps"]:
+        assert 0 <= row["exit_rate"] <= 1 and 1 <= row["mean_exit_layer"] <= 4
+        assert row["layer_speedup"] == pytest.approx(4 / row["mean_exit_layer"], rel=1e-3)
+    for png in ("agreement_by_depth", "agreement_by_category", "tradeoff"):
+        assert (out / f"{png}.png").stat().st_size > 5000
+        assert f"]({png}.png)" in (out / "report.md").read_text()
+    assert "| calibrated_threshold |" in (out / "report.md").read_text()
+
+
+def test_eval_measure_runs_the_calibrated_policy_against_full_depth(calibration, capsys):
+    out = calibration / "measured"
+    argv = ["eval", "--calibration", str(calibration / "cal"), "--output", str(out), "--measure"]
+    assert main([*argv, "--num-requests", "4", "--concurrency", "2", "--max-tokens", "6"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    measured, summary = report["measured"], report["summary"]
+    assert measured["exit_policy"] == summary["calibrated_policy"] != "none"
+    assert measured["num_requests"] == 4 and measured["full_depth_tokens_per_s"] > 0
+    assert summary["calibrated_speedup"] == pytest.approx(
+        measured["tokens_per_s"] / measured["full_depth_tokens_per_s"], rel=1e-3
+    )
+    assert 0 <= summary["measured_sequence_match"] <= 1
+
+
+def test_eval_errors_are_one_line(tmp_path, capsys):
+    assert main(["eval", "--calibration", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("offramp: error:") and "engine.calibrated.json" in err and "\n" not in err.strip()
+
+
+def test_bundled_prompts_cover_the_categories_in_both_splits():
+    rows = load_prompt_rows()
+    held = rows[3::4]
+    train = [r for i, r in enumerate(rows) if i % 4 != 3]
+    for split in (held, train):
+        assert set(CATEGORIES) <= {r["category"] for r in split}
