@@ -16,6 +16,7 @@ from offramp.page_manager import PageManager
 from offramp.sampling import SamplingParams
 from offramp.scheduler import Scheduler, SchedulerOutput
 from offramp.sequence import FinishReason, SeqStatus, Sequence
+from offramp.sessions import SessionTable, session_owner
 
 
 def next_token(tokens: list[int]) -> int:
@@ -30,8 +31,8 @@ def reference_output(prompt: list[int], max_tokens: int) -> list[int]:
     return tokens[len(prompt) :]
 
 
-def make_seq(prompt: list[int], max_tokens: int) -> Sequence:
-    return Sequence(prompt_token_ids=list(prompt), params=SamplingParams(max_tokens=max_tokens))
+def make_seq(prompt: list[int], max_tokens: int, session_id: str | None = None) -> Sequence:
+    return Sequence(prompt_token_ids=list(prompt), params=SamplingParams(max_tokens=max_tokens), session_id=session_id)
 
 
 @dataclass
@@ -47,9 +48,18 @@ class Step:
 class FakeEngine:
     """The engine loop with a fake runner that writes and reads a fake paged KV store."""
 
-    def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        sessions: bool = False,
+        **kwargs,
+    ) -> None:
         self.pages = PageManager(num_pages, page_size)
-        self.sched = Scheduler(self.pages, max_num_seqs, max_num_batched_tokens)
+        self.sessions = SessionTable(self.pages, max_sessions=64, idle_timeout_s=600.0) if sessions else None
+        self.sched = Scheduler(self.pages, max_num_seqs, max_num_batched_tokens, self.sessions, **kwargs)
         self.kv: dict[int, list[int | None]] = {p: [None] * page_size for p in range(num_pages)}
         self.steps: list[Step] = []
 
@@ -62,6 +72,7 @@ class FakeEngine:
         assert len(self.pages.page_table(seq.seq_id)) >= self.pages.pages_for(end), "chunk runs past its pages"
         for pos, tok in zip(range(start, end), seq.token_ids(start, end), strict=True):
             page, off = self._slot(seq, pos)
+            assert self.pages.is_writable(page), f"seq {seq.seq_id} writes into shared/registered page {page}"
             self.kv[page][off] = tok
         if not samples:
             return None
@@ -104,7 +115,7 @@ class FakeEngine:
         assert grown == [item.seq for item, tok in zip(out.scheduled, sampled, strict=True) if tok is not None]
         for seq in grown:
             if len(seq.output_token_ids) >= seq.params.max_tokens:
-                sched.finish(seq, FinishReason.LENGTH)
+                self.finish(seq, FinishReason.LENGTH)
                 record.finished.append(seq)
 
         self.pages.check_invariants()
@@ -114,8 +125,24 @@ class FakeEngine:
             assert seq.status is SeqStatus.WAITING
             assert seq.num_computed_tokens == 0
             assert self.pages.page_table(seq.seq_id) == []
+        self.check_sessions()
         self.steps.append(record)
         return record
+
+    def check_sessions(self) -> None:
+        """Each session's own pages hold exactly the tokens it claims (read back from the fake store)."""
+        for session in self.sessions._sessions.values() if self.sessions else ():
+            table = self.pages.page_table(session_owner(session.session_id))
+            assert len(table) == self.pages.pages_for(len(session.token_ids))
+            size = self.pages.page_size
+            held = [self.kv[table[pos // size]][pos % size] for pos in range(len(session.token_ids))]
+            assert held == session.token_ids, f"session {session.session_id}: pages lost its tokens"
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """What the engine does: a session's request leaves its computed pages to the session."""
+        if seq.session_id is not None and not seq.is_finished:
+            self.sessions.detach(seq.session_id, seq.seq_id, seq.token_ids(0, seq.num_computed_tokens))
+        self.sched.finish(seq, reason)
 
     def run_to_completion(self, max_steps: int = 10_000) -> None:
         while self.sched.has_work:
@@ -423,3 +450,226 @@ def test_randomized_soak_with_arrivals_and_aborts(seed: int) -> None:
         else:
             assert seq.finish_reason is FinishReason.LENGTH
             assert seq.output_token_ids == reference_output(prompt, seq.params.max_tokens)
+
+
+# -- prefix sharing -----------------------------------------------------------------------------
+
+PREFIX = [(11 * i + 7) % 97 + 1 for i in range(20)]  # five full pages of 4
+
+
+def test_shared_prefix_is_computed_once_and_adopted_by_later_arrivals() -> None:
+    eng = FakeEngine(num_pages=64, page_size=4, max_num_seqs=8, max_num_batched_tokens=256)
+    seqs = [make_seq(PREFIX + [i + 1, i + 2, i + 3], max_tokens=5) for i in range(8)]
+    for seq in seqs:
+        eng.sched.add(seq)
+    peak = 0
+    while eng.sched.has_work:
+        eng.step()
+        peak = max(peak, eng.pages.num_used_pages)
+
+    # Step 0 runs the first prompt alone: the others wait one step for its prefix pages ...
+    assert eng.steps[0].chunks == {seqs[0].seq_id: 23}
+    # ... then adopt all five of them and compute only their own 3 tokens.
+    assert all(eng.steps[1].chunks[s.seq_id] == 3 for s in seqs[1:])
+    assert [s.num_cached_tokens for s in seqs] == [0] + [20] * 7
+    assert [s.num_prefix_waits for s in seqs] == [0, 1] + [0] * 6  # only the head of the queue waited
+    assert eng.sched.num_prefix_reused_tokens == 7 * 20
+    for seq in seqs:
+        assert seq.output_token_ids == reference_output(seq.prompt_token_ids, 5)
+    # 28 tokens = 7 pages each: 5 shared + 2 own, instead of 8 x 7 = 56.
+    assert peak == 5 + 8 * 2
+    assert eng.pages.num_free_pages == 64 and eng.pages.num_registered_pages == 0
+
+
+def test_without_prefix_sharing_every_sequence_computes_its_prompt() -> None:
+    eng = FakeEngine(num_pages=64, page_size=4, max_num_seqs=8, max_num_batched_tokens=256, enable_prefix_sharing=False)
+    seqs = [make_seq(PREFIX + [i + 1], max_tokens=3) for i in range(4)]
+    for seq in seqs:
+        eng.sched.add(seq)
+    eng.step()
+    assert eng.steps[0].chunks == {s.seq_id: 21 for s in seqs}
+    assert eng.pages.num_used_pages == 4 * 6 and eng.pages.num_shared_pages == 0
+    eng.run_to_completion()
+    assert all(s.output_token_ids == reference_output(s.prompt_token_ids, 3) for s in seqs)
+
+
+def test_prefix_wait_keeps_fifo_order() -> None:
+    eng = FakeEngine(num_pages=64, page_size=4, max_num_seqs=8, max_num_batched_tokens=256)
+    a, b, c = make_seq(PREFIX + [1], 3), make_seq(PREFIX + [2], 3), make_seq([50, 51, 52], 3)
+    for seq in (a, b, c):
+        eng.sched.add(seq)
+    eng.step()
+    assert eng.steps[0].chunks == {a.seq_id: 21}  # b waits for a's pages; c does not overtake b
+    eng.step()
+    assert eng.steps[1].chunks == {a.seq_id: 1, b.seq_id: 1, c.seq_id: 3}
+    eng.run_to_completion()
+    for seq in (a, b, c):
+        assert seq.output_token_ids == reference_output(seq.prompt_token_ids, 3)
+
+
+@pytest.mark.parametrize(("max_waits", "waits", "cached", "first_step"), [(4, 1, 20, 3), (0, 0, 16, 2)])
+def test_prefix_wait_while_the_prefix_is_prefilled_in_chunks(max_waits, waits, cached, first_step) -> None:
+    eng = FakeEngine(
+        num_pages=64, page_size=4, max_num_seqs=8, max_num_batched_tokens=8, max_prefix_wait_steps=max_waits
+    )
+    a, b = make_seq(PREFIX + [1, 2, 3], 4), make_seq(PREFIX + [4, 5, 6], 4)
+    eng.sched.add(a)
+    eng.sched.add(b)
+    eng.run_to_completion()
+    # a's prompt runs 8 + 8 + 7, leaving budget for b only in the third step. b then either waits one
+    # step for a's last prefix page, or (no waiting allowed) takes the 4 registered pages and computes
+    # the fifth itself (its key is taken by then: that page simply stays private).
+    assert [s.chunks.get(a.seq_id) for s in eng.steps[:3]] == [8, 8, 7]
+    assert (b.num_prefix_waits, b.num_cached_tokens) == (waits, cached)
+    assert step_first_scheduled(eng, b) == first_step
+    for seq in (a, b):
+        assert seq.output_token_ids == reference_output(seq.prompt_token_ids, 4)
+
+
+def test_a_preempted_sequence_readopts_the_shared_prefix() -> None:
+    eng = FakeEngine(num_pages=12, page_size=4, max_num_seqs=4, max_num_batched_tokens=64)
+    seqs = [make_seq(PREFIX + [i + 1], max_tokens=14) for i in range(3)]
+    for seq in seqs:
+        eng.sched.add(seq)
+    eng.run_to_completion()
+    assert eng.sched.num_preemptions > 0
+    for seq in seqs:
+        assert seq.output_token_ids == reference_output(seq.prompt_token_ids, 14)
+    assert eng.pages.num_free_pages == 12
+
+
+# -- sessions -----------------------------------------------------------------------------------
+
+
+def _turn(eng: FakeEngine, session_id: str, prompt: list[int], max_tokens: int) -> Sequence:
+    eng.sessions.open(session_id, f"{session_id}-{len(prompt)}")
+    seq = make_seq(prompt, max_tokens, session_id=session_id)
+    eng.sched.add(seq)
+    eng.run_to_completion()
+    assert seq.output_token_ids == reference_output(prompt, max_tokens)
+    return seq
+
+
+def test_session_turns_prefill_only_the_new_tokens() -> None:
+    eng = FakeEngine(num_pages=64, page_size=4, max_num_seqs=4, max_num_batched_tokens=256, sessions=True)
+    history: list[int] = []
+    for turn in range(5):
+        prompt = history + [turn + 1] * 3  # the caller sends the whole conversation each turn
+        seq = _turn(eng, "chat", prompt, max_tokens=4)
+        expected_cached = 0 if turn == 0 else len(history) - 1  # the last output token has no K/V yet
+        assert seq.num_cached_tokens == expected_cached
+        assert seq.num_run_tokens == len(prompt) - expected_cached + 3
+        history = prompt + seq.output_token_ids
+        session = eng.sessions.get("chat")
+        assert session.token_ids == history[:-1] and session.request_id is None
+    assert eng.pages.num_used_pages == eng.pages.pages_for(len(history) - 1)
+    eng.sessions.end("chat")
+    assert eng.pages.num_free_pages == 64
+
+
+def test_a_diverging_turn_keeps_only_the_common_prefix() -> None:
+    eng = FakeEngine(num_pages=64, page_size=4, max_num_seqs=4, max_num_batched_tokens=256, sessions=True)
+    first = _turn(eng, "s", list(range(1, 15)), max_tokens=3)
+    edited = list(range(1, 10)) + [99, 98]  # the user edited an earlier message
+    second = _turn(eng, "s", edited, max_tokens=3)
+    assert first.num_cached_tokens == 0
+    # 9 tokens match, but page 2 (tokens 8-11) is a registered prompt page: start at its beginning.
+    assert second.num_cached_tokens == 8
+    assert eng.sessions.get("s").token_ids == edited + second.output_token_ids[:-1]
+
+
+def test_idle_sessions_are_evicted_before_running_sequences_are_preempted() -> None:
+    eng = FakeEngine(num_pages=10, page_size=4, max_num_seqs=4, max_num_batched_tokens=64, sessions=True)
+    prompt = list(range(1, 21))
+    first = _turn(eng, "s", prompt, max_tokens=4)
+    assert eng.pages.num_used_pages == 6  # 23 computed tokens stay with the idle session
+    other = make_seq([7, 7, 7, 7], max_tokens=20)  # grows to 6 pages while running
+    eng.sched.add(other)
+    eng.run_to_completion()
+    assert other.num_preemptions == 0 and eng.sched.num_preemptions == 0
+    assert eng.sessions.num_evictions == 1 and eng.sessions.get("s").token_ids == []
+    assert other.output_token_ids == reference_output([7, 7, 7, 7], 20)
+    # The evicted session's next turn re-prefills everything and gives the same output.
+    again = _turn(eng, "s", prompt + first.output_token_ids + [5], max_tokens=4)
+    assert again.num_cached_tokens == 0
+
+
+def test_a_session_whose_request_waits_is_not_evicted_for_admission_while_work_runs() -> None:
+    eng = FakeEngine(num_pages=8, page_size=4, max_num_seqs=1, max_num_batched_tokens=64, sessions=True)
+    first = _turn(eng, "s", list(range(1, 13)), max_tokens=2)  # 13 tokens: 4 pages stay
+    busy = make_seq([3] * 4, max_tokens=6)
+    eng.sched.add(busy)
+    eng.step()
+    eng.sessions.open("s", "next")
+    nxt = make_seq(first.prompt_token_ids + first.output_token_ids + [9], 2, session_id="s")
+    eng.sched.add(nxt)
+    eng.run_to_completion()
+    assert eng.sessions.num_evictions == 0 and nxt.num_cached_tokens == 13
+    assert nxt.output_token_ids == reference_output(nxt.prompt_token_ids, 2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_randomized_soak_with_shared_prefixes_sessions_and_aborts(seed: int) -> None:
+    rng = random.Random(seed)
+    num_pages = rng.randint(14, 20)
+    eng = FakeEngine(
+        num_pages, 4, max_num_seqs=rng.randint(2, 5), max_num_batched_tokens=rng.randint(6, 24), sessions=True
+    )
+    sched = eng.sched
+    bases = [[rng.randint(1, 999) for _ in range(rng.randint(8, 16))] for _ in range(3)]
+    history: dict[str, list[int]] = {}  # session -> the conversation so far
+    all_seqs: list[Sequence] = []
+    aborted: set[int] = set()
+    for step in range(400):
+        if rng.random() < 0.3:
+            idle = [
+                s
+                for s in (f"s{i}" for i in range(5))
+                if (eng.sessions.get(s) is None or eng.sessions.get(s).request_id is None)
+            ]
+            session_id = rng.choice(idle + [None]) if idle else None
+            if session_id is not None and history.get(session_id):
+                prompt = history[session_id] + [rng.randint(1, 999) for _ in range(rng.randint(1, 4))]
+            else:
+                prompt = list(rng.choice(bases)) + [rng.randint(1, 999) for _ in range(rng.randint(1, 4))]
+            max_tokens = rng.randint(1, 8)
+            if eng.pages.pages_for(len(prompt) + max_tokens) > num_pages:
+                history.pop(session_id, None)
+                if session_id is not None and eng.sessions.get(session_id) is not None:
+                    eng.sessions.end(session_id)
+                continue
+            if session_id is not None:
+                eng.sessions.open(session_id, f"r{step}")
+            seq = make_seq(prompt, max_tokens, session_id=session_id)
+            all_seqs.append(seq)
+            sched.add(seq)
+        live = list(sched.waiting) + list(sched.running)
+        if live and rng.random() < 0.04:
+            victim = rng.choice(live)
+            eng.finish(victim, FinishReason.ABORT)
+            aborted.add(victim.seq_id)
+        for seq in all_seqs:
+            if seq.is_finished and seq.session_id is not None and seq.finish_reason is FinishReason.LENGTH:
+                history[seq.session_id] = seq.prompt_token_ids + seq.output_token_ids
+            elif seq.is_finished and seq.session_id is not None:
+                history[seq.session_id] = []
+        if sched.has_work:
+            eng.step()
+        elif rng.random() < 0.1 and eng.sessions.get("s0") is not None and eng.sessions.get("s0").request_id is None:
+            eng.sessions.end("s0")
+            history.pop("s0", None)
+    eng.run_to_completion()
+
+    assert sum(s.num_cached_tokens > 0 for s in all_seqs) > 5
+    assert eng.sched.num_prefix_reused_tokens > 0 and eng.sessions.num_reused_tokens > 0
+    assert eng.sessions.num_evictions > 0 and eng.sched.num_preemptions > 0 and aborted
+    for seq in all_seqs:
+        assert seq.is_finished
+        expected = reference_output(seq.prompt_token_ids, seq.params.max_tokens)
+        assert seq.output_token_ids == expected[: len(seq.output_token_ids)]
+        if seq.seq_id not in aborted:
+            assert seq.output_token_ids == expected
+    for session_id in list(eng.sessions._sessions):
+        eng.sessions.end(session_id)
+    eng.pages.check_invariants()
+    assert eng.pages.num_free_pages == num_pages

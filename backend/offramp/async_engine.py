@@ -32,6 +32,7 @@ class StreamEvent:
     finish_reason: str = ""
     num_input_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from session or shared prefix pages (no prefill)
     error: RequestError | None = None
 
 
@@ -45,6 +46,7 @@ class RequestHandle:
     detokenizer: IncrementalDetokenizer | None = None
     seq: Sequence | None = None
     emitted_tokens: int = 0
+    session_id: str | None = None  # a turn of this stateful session (see LLMEngine.add_request)
 
 
 @dataclass(slots=True)
@@ -61,6 +63,10 @@ class EngineStats:
     exit_layers: list[int] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
+    num_sessions: int = 0  # sessions held (idle or with a request in flight)
+    session_pages: int = 0  # KV pages held by sessions between turns (a running turn holds its own)
+    session_evictions: int = 0  # cumulative: idle sessions whose pages were dropped for memory
+    prefix_shared_pages: int = 0  # KV pages held by more than one sequence or session right now
 
 
 class AsyncEngine:
@@ -84,6 +90,7 @@ class AsyncEngine:
         self.max_queued = max_queued
         self.on_stats = on_stats
         self._inbox: queue.Queue[RequestHandle] = queue.Queue()
+        self._ended_sessions: queue.Queue[str] = queue.Queue()
         self._live: dict[str, RequestHandle] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -121,6 +128,12 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout + 5.0)
 
+    def end_session(self, session_id: str) -> None:
+        """Close a session from any thread: on the engine thread its request in flight (if any) gets
+        its final event (finish reason ``abort``) and the session's pages are freed."""
+        self._ended_sessions.put(session_id)
+        self._wake.set()
+
     @property
     def num_in_flight(self) -> int:
         return self._num_pending
@@ -145,6 +158,7 @@ class AsyncEngine:
         """One pass of the loop; True when the thread should end."""
         self._admit()
         self._cancel()
+        self._end_sessions()
         if self._stop.is_set():
             self._deadline = self._deadline or time.monotonic() + self._drain_s
             if not self._live or time.monotonic() > self._deadline:
@@ -155,9 +169,21 @@ class AsyncEngine:
         if self.engine.has_work:
             self._step()
         else:
+            self.engine.expire_sessions()
             self._wake.wait(0.05)
             self._wake.clear()
         return False
+
+    def _end_sessions(self) -> None:
+        while True:
+            try:
+                session_id = self._ended_sessions.get_nowait()
+            except queue.Empty:
+                return
+            for handle in [h for h in self._live.values() if h.session_id == session_id]:
+                self._abort(handle)
+            self.engine.end_session(session_id)
+            self._report(self._stats(0))
 
     def _queued(self):
         """Take every request waiting in the inbox, without blocking."""
@@ -186,7 +212,9 @@ class AsyncEngine:
                 req = handle.request
                 handle.prompt_token_ids = self.engine.encode_for_serving(req.prompt)
                 handle.detokenizer = IncrementalDetokenizer(self.engine.tokenizer, req.params.stop)
-                handle.seq = self.engine.add_request(handle.request_id, handle.prompt_token_ids, req.params)
+                handle.seq = self.engine.add_request(
+                    handle.request_id, handle.prompt_token_ids, req.params, session_id=handle.session_id
+                )
                 self._live[handle.request_id] = handle
             except Exception as exc:  # bad input -> invalid; anything else -> internal, this request only
                 if isinstance(exc, RequestError):
@@ -242,6 +270,7 @@ class AsyncEngine:
 
     def _stats(self, num_new: int) -> EngineStats:
         sched = self.engine.scheduler
+        cache = self.engine.cache_stats
         return EngineStats(
             num_running=len(sched.running),
             num_waiting=len(sched.waiting),
@@ -250,6 +279,10 @@ class AsyncEngine:
             num_preemptions=sched.num_preemptions,
             batch_size=num_new,
             new_tokens=num_new,
+            num_sessions=cache.num_sessions,
+            session_pages=cache.num_session_pages,
+            session_evictions=cache.num_session_evictions,
+            prefix_shared_pages=cache.num_shared_pages,
         )
 
     def _new_tokens(self, handle: RequestHandle) -> tuple[list[int], list[int]]:
@@ -286,6 +319,7 @@ class AsyncEngine:
             exit_layers=exits,
             num_input_tokens=len(handle.prompt_token_ids),
             num_output_tokens=len(handle.seq.output_token_ids),
+            num_cached_tokens=handle.seq.num_cached_tokens,
         )
 
     def _finish(self, handle: RequestHandle, event: StreamEvent) -> None:

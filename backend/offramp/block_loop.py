@@ -76,6 +76,12 @@ class BlockLoop:
         """Forget a sequence's kept tokens (finished, aborted, or about to be recomputed)."""
         self.pending.pop(seq_id, None)
 
+    def exact_prefix(self, seq_id: int, num_computed_tokens: int) -> int:
+        """Tokens before the first one still pending: their K/V is in every layer (recompute mode;
+        with propagate nothing is pending and skipped layers hold the propagated approximation)."""
+        pending = self.pending.get(seq_id)
+        return min(num_computed_tokens, pending[0].position) if pending else num_computed_tokens
+
     def _meta(self, slices: list[SeqSlice]):
         return build_metadata(slices, self.page_size, self.cos, self.sin)
 
@@ -83,9 +89,13 @@ class BlockLoop:
         return F.embedding(torch.tensor(token_ids, dtype=torch.long), self.weights.embed)
 
     def run(self, items: list[ScheduledSeq], slices: list[SeqSlice], token_ids: list[int]) -> LoopResult:
-        for item in items:
-            if item.seq.num_computed_tokens == 0:  # (re-)prefill from scratch: nothing is kept
-                self.release(item.seq.seq_id)
+        for item in items:  # positions at or after num_computed_tokens are being (re)computed anew
+            kept = self.pending.get(item.seq.seq_id)
+            if kept and kept[-1].position >= item.seq.num_computed_tokens:
+                kept = [p for p in kept if p.position < item.seq.num_computed_tokens]
+                self.pending[item.seq.seq_id] = kept
+                if not kept:
+                    self.release(item.seq.seq_id)
         exiting = self.exit_depths and any(self.policy_of(it) is not None for it in items)
         if exiting or any(it.seq.seq_id in self.pending for it in items):
             return self._run_with_exits(items, slices, token_ids)

@@ -43,6 +43,9 @@ class EngineConfig:
     exit_head: str | None = None  # safetensors file of trained low-rank shortcuts; None = identity head
     exit_gate: str | None = None  # cheap gate before the softmax check: similarity | classifier
     exit_gate_threshold: float = 0.95
+    enable_prefix_sharing: bool = True  # share computed full prompt pages between identical prefixes
+    max_sessions: int = 1024  # sessions kept at once; a new one closes the least recently used idle one
+    session_idle_timeout_s: float = 600.0  # an idle session's pages are freed after this long
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -80,6 +83,12 @@ class EngineConfig:
         if isinstance(self.exit_threshold, bool) or not isinstance(self.exit_threshold, (int, float)):
             raise ValueError(f"exit_threshold: must be a number, got {self.exit_threshold!r}")
         _positive("min_exit_layer", self.min_exit_layer)
+        _positive("max_sessions", self.max_sessions)
+        if not isinstance(self.enable_prefix_sharing, bool):
+            raise ValueError(f"enable_prefix_sharing: must be true or false, got {self.enable_prefix_sharing!r}")
+        timeout = self.session_idle_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"session_idle_timeout_s: must be a positive number of seconds, got {timeout!r}")
         if self.exit_points is not None:
             points = tuple(self.exit_points)
             if not points or any(isinstance(p, bool) or not isinstance(p, int) or p <= 0 for p in points):

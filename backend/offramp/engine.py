@@ -20,6 +20,7 @@ from offramp.runner import ModelRunner
 from offramp.sampling import SamplingParams
 from offramp.scheduler import Scheduler
 from offramp.sequence import FinishReason, Sequence
+from offramp.sessions import CacheStats, SessionTable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -36,6 +37,8 @@ class RequestOutput:
     finish_reason: str
     exit_layers: list[int]
     num_preemptions: int = 0
+    session_id: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from session pages or shared prefix pages
     ttft_s: float | None = None
     latency_s: float | None = None
     extra: dict = field(default_factory=dict)
@@ -78,7 +81,10 @@ class LLMEngine:
         )
         self.blocks = self._block_engine()
         self.runner = ModelRunner(self.weights, self.blocks, self.pages, config, self.max_model_len)
-        self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sessions = SessionTable(self.pages, config.max_sessions, config.session_idle_timeout_s)
+        self.scheduler = Scheduler(
+            self.pages, config.max_num_seqs, config.max_num_batched_tokens, self.sessions, config.enable_prefix_sharing
+        )
         if config.exit_policy != "none" or config.exit_gate is not None:
             self.runner.policy(config.exit_policy if config.exit_policy != "none" else "softmax")  # fail at load
         self._generators: dict[int, torch.Generator] = {}
@@ -142,8 +148,23 @@ class LLMEngine:
         already = any(prompt.lstrip().startswith(t) for t in specials)
         return self.encode(prompt, chat=not already)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
-        """Queue a request; raises ``ValueError`` for input the engine cannot serve."""
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, session_id: str | None = None
+    ) -> Sequence:
+        """Queue a request; raises ``ValueError`` for input the engine cannot serve.
+
+        With ``session_id`` the request is a turn of a stateful session: ``prompt_token_ids`` are the
+        FULL conversation so far (the caller renders every message, e.g. through the chat template),
+        the engine reuses the K/V of the longest prefix it still holds for the session and prefills
+        only the rest, and when the request finishes (for any reason but ``end_session``) the
+        session keeps the pages of its computed tokens for the next turn. One request per session
+        may be in flight (a second raises ``ValueError``). Outputs equal the stateless ones (greedy,
+        exits off); with early exits and ``kv_fill=propagate`` the reused K/V of generated tokens is
+        the propagated approximation, the same the request itself decoded with; with
+        ``kv_fill=recompute`` only tokens with exact K/V are kept.
+        """
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise ValueError(f"session_id: must be a non-empty string, got {session_id!r}")
         if request_id in self._seqs:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         if not prompt_token_ids:
@@ -164,7 +185,9 @@ class LLMEngine:
             )
         if params.exit_policy not in (None, "none"):
             self.runner.policy(params.exit_policy)  # a policy that cannot run is refused here (ValueError)
-        seq = Sequence(list(prompt_token_ids), params, request_id=request_id)
+        if session_id is not None:
+            self.sessions.open(session_id, request_id)  # last check: raises if the session is busy
+        seq = Sequence(list(prompt_token_ids), params, request_id=request_id, session_id=session_id)
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else next(self._seed_counter)
             self._generators[seq.seq_id] = torch.Generator().manual_seed(seed)
@@ -179,6 +202,32 @@ class LLMEngine:
             self._finish(seq, FinishReason.ABORT)
         return seq
 
+    # -- sessions -------------------------------------------------------------------------------
+    def end_session(self, session_id: str) -> bool:
+        """Close a session: its request in flight (if any) is aborted and every page it holds is
+        freed. Returns whether the session existed."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        if session.request_id is not None and session.request_id in self._seqs:
+            self._finish(self._seqs[session.request_id], FinishReason.ABORT)
+        self.sessions.end(session_id)
+        return True
+
+    def evict_session(self, session_id: str) -> int:
+        """Drop an idle session's pages now (its next request re-prefills); returns pages freed."""
+        session = self.sessions.get(session_id)
+        return 0 if session is None or session.request_id is not None else self.sessions.evict(session_id)
+
+    def expire_sessions(self) -> list[str]:
+        """Close sessions idle longer than ``session_idle_timeout_s`` (cheap; ``step`` calls it)."""
+        return self.sessions.expire()
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        """Sessions and prefix sharing now (see ``CacheStats``), for metrics."""
+        return self.sessions.stats(self.scheduler.num_prefix_reused_tokens)
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
@@ -186,6 +235,7 @@ class LLMEngine:
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> tuple[list[Sequence], list[Sequence]]:
         """One iteration. Returns (sequences that got a token, sequences that finished)."""
+        self.sessions.expire()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return [], []
@@ -221,6 +271,11 @@ class LLMEngine:
         return min(hits) if hits else None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.is_finished:
+            return
+        if seq.session_id is not None:  # the session keeps the pages of the tokens with exact K/V
+            exact = self.runner.exact_prefix(seq.seq_id, seq.num_computed_tokens)
+            self.sessions.detach(seq.session_id, seq.seq_id, seq.token_ids(0, exact))
         self.scheduler.finish(seq, reason)
         self.runner.release(seq.seq_id)
         seq.finish_time = time.perf_counter()
@@ -234,6 +289,7 @@ class LLMEngine:
         each of ``output_ids``, from one full-depth pass over prompt + outputs."""
         tokens = list(prompt_ids) + list(output_ids[:-1])
         owner = -next(self._seed_counter) - 1  # a page-table id no sequence uses
+        self.sessions.reclaim(self.pages.pages_for(len(tokens)))  # idle sessions' pages are a cache
         if not self.pages.can_allocate(owner, len(tokens)):
             raise ValueError("teacher forcing: not enough free KV pages; run it when the engine is idle")
         self.pages.allocate(owner, len(tokens))
@@ -265,6 +321,8 @@ class LLMEngine:
             finish_reason=(seq.finish_reason or FinishReason.ABORT).value,
             exit_layers=list(seq.exit_layers),
             num_preemptions=seq.num_preemptions,
+            session_id=seq.session_id,
+            num_cached_tokens=seq.num_cached_tokens,
             ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
             latency_s=end - seq.arrival_time,
         )

@@ -83,6 +83,11 @@ class ModelRunner:
     def release(self, seq_id: int) -> None:
         self.loop.release(seq_id)
 
+    def exact_prefix(self, seq_id: int, num_computed_tokens: int) -> int:
+        """How many leading computed tokens have exact K/V in every layer (recompute mode keeps
+        early-exited tokens pending until a deeper token pulls them along)."""
+        return self.loop.exact_prefix(seq_id, num_computed_tokens)
+
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput, generators: dict[int, torch.Generator]) -> RunnerOutput:
         # Decoding sequences first: they form one attention group.

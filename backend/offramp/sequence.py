@@ -41,6 +41,12 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
+    session_id: str | None = None  # the session whose pages this request continues (and keeps)
+    num_cached_tokens: int = 0  # tokens reused at the last admission (session pages or shared prefix)
+    num_run_tokens: int = 0  # tokens this request pushed through the model (prefill + decode)
+    prefix_keys: list[bytes] | None = None  # prefix-registry keys of the prompt's full pages (lazy)
+    num_registered_pages: int = 0  # pages below this index are registered or were reused
+    num_prefix_waits: int = 0  # steps spent waiting for another sequence to compute a shared prefix
 
     @property
     def num_tokens(self) -> int:
