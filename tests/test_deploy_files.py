@@ -49,3 +49,16 @@ def test_model_config_is_decoupled_and_names_the_vllm_tensors():
         "exit_layers",
     ):
         assert f'name: "{name}"' in text
+
+
+def test_chat_model_config_is_sequence_batched_with_the_same_tensors():
+    chat = (REPO / "model_repository" / "offramp_chat" / "config.pbtxt").read_text()
+    plain = (REPO / "model_repository" / "offramp" / "config.pbtxt").read_text()
+    assert "decoupled: true" in chat and "sequence_batching" in chat and "oldest" in chat
+    for control in ("CONTROL_SEQUENCE_START", "CONTROL_SEQUENCE_END", "CONTROL_SEQUENCE_CORRID"):
+        assert control in chat
+    for line in plain.splitlines():
+        if line.strip().startswith("{ name:"):
+            assert line.strip().rstrip(",") in chat, line
+    engine = json.loads((REPO / "model_repository" / "offramp_chat" / "1" / "engine.json").read_text())
+    assert engine == json.loads((REPO / "model_repository" / "offramp" / "1" / "engine.json").read_text())

@@ -169,7 +169,8 @@ class AsyncEngine:
         if self.engine.has_work:
             self._step()
         else:
-            self.engine.expire_sessions()
+            if self.engine.expire_sessions():
+                self._report(self._stats(0))  # their pages were freed outside a step
             self._wake.wait(0.05)
             self._wake.clear()
         return False

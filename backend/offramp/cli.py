@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--exit-head", str),
         ("--max-queued-requests", int),
     ):
-        serve.add_argument(flag, type=kind, default=None, help="override engine.json")
+        serve.add_argument(
+            flag, type=kind, default=None, help="override engine.json (of every model; budgets per model)"
+        )
     return parser
 
 

@@ -4,6 +4,14 @@ Finds ``tritonserver`` (the one the ``nvidia-pytriton`` wheel ships, or one on `
 NGC image), prepares a backend directory with the Python backend and the stub for this Python,
 resolves the model once (a GGUF is de-quantized before the server starts), starts the server
 with locked-down defaults, waits until it is ready, and stops it cleanly on Ctrl-C.
+
+The server loads every model in the repository: ``offramp`` (stateless) and ``offramp_chat``
+(multi-turn sessions). Each is its own Python-backend process with its own engine: its own copy of
+the weights and its own KV store. The command-line overrides (``OFFRAMP_ENGINE_OVERRIDES``) apply
+to every model alike, which is what both need (the same checkpoint, engine and export); budgets
+such as ``--kv-budget-mb`` and ``--max-queued-requests`` therefore hold per model, so the
+server's total KV memory is the budget times the number of models. Models load one after the
+other, so that a second model reuses the export (``--engine onnxruntime``) the first one wrote.
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ def server_command(
         f"--http-restricted-api={restricted}",
         f"--grpc-restricted-protocol={restricted}",
         "--exit-timeout-secs=30",
+        "--model-load-thread-count=1",  # one at a time: the models share one export directory
         "--log-verbose=0",
     ]
 
@@ -143,7 +152,8 @@ def run_server(
     print(
         f"offramp: serving on http://{host}:{http} (gRPC {grpc}, metrics {metrics}); Ctrl-C stops.\n"
         f"  curl -s -X POST localhost:{http}/v2/models/offramp/generate -d '{body}'\n"
-        f'  offramp-client --url localhost:{grpc} stream "Tell me a story"',
+        f'  offramp-client --url localhost:{grpc} --protocol grpc stream "Tell me a story"\n'
+        f"  offramp-client --url localhost:{grpc} chat          (model offramp_chat: a conversation)",
         flush=True,
     )
     code = proc.wait()

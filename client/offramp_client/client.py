@@ -1,4 +1,5 @@
-"""``OfframpClient``: generate, stream and cancel against an Offramp model in Triton.
+"""``OfframpClient``: generate, stream and cancel against an Offramp model in Triton; ``chat`` for
+multi-turn conversations with ``offramp_chat`` (see ``offramp_client.chat``).
 
 HTTP uses Triton's ``/generate`` and ``/generate_stream`` endpoints (plain JSON and server-sent
 events); gRPC uses ``tritonclient``'s bidirectional stream, which the decoupled model needs, and
@@ -27,6 +28,7 @@ class Chunk:
     finish_reason: str = ""
     num_input_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # chat: prompt tokens the server did not prefill again
 
 
 @dataclass(slots=True)
@@ -36,6 +38,7 @@ class Result:
     exit_layers: list[int]
     num_input_tokens: int
     num_output_tokens: int
+    num_cached_tokens: int = 0
 
 
 class OfframpError(RuntimeError):
@@ -65,6 +68,16 @@ class OfframpClient:
             yield from self._http(prompt, _stream, params)
         else:
             yield from self._grpc_stream(prompt, _stream, params)
+
+    def chat(self, sequence_id: int | str | None = None, model: str | None = None):
+        """A multi-turn ``ChatSession`` with an ``offramp_chat`` model (gRPC only: Triton carries
+        sequence ids on gRPC streams). Close it (or use ``with``) to end the conversation."""
+        from offramp_client.chat import ChatSession
+
+        if self.protocol != "grpc":
+            raise ValueError("chat: needs protocol 'grpc' (Triton's HTTP generate endpoints drop sequence ids)")
+        name = model or (self.model if self.model != "offramp" else "offramp_chat")
+        return ChatSession(self.url, name, sequence_id)
 
     def is_ready(self) -> bool:
         if self.protocol == "grpc":
