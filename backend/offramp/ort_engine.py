@@ -50,6 +50,24 @@ def group_mask(
     return torch.cat((past, new), dim=-1).contiguous()
 
 
+def group_inputs(meta: AttentionMetadata, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Per attention group of a step, the exported block graph's inputs besides the hidden states
+    and the stores (shared by every block, so built once per step), plus the rows' ``slots``."""
+    prepared = []
+    for g in meta.groups:
+        rows = slice(g.row_start, g.row_end)
+        positions = meta.positions[rows].view(g.num_seqs, g.max_new)  # [B, T]
+        host = {
+            "cos": meta.cos[rows, 0].float(),  # [n, head_dim]
+            "sin": meta.sin[rows, 0].float(),
+            "page_ids": g.kv_pages,  # [B, P]
+            "mask": group_mask(positions, g.kv_pages.shape[1] * meta.page_size),  # [B, T, C + T]
+            "slots": meta.slot_mapping[rows],  # [n]
+        }
+        prepared.append({k: v.contiguous().to(device, non_blocking=True) for k, v in host.items()})
+    return prepared
+
+
 class OrtBlockEngine(BlockEngine):
     name = "onnxruntime"
 
@@ -85,23 +103,9 @@ class OrtBlockEngine(BlockEngine):
 
     def _group_inputs(self, meta: AttentionMetadata) -> list[dict[str, torch.Tensor]]:
         """Per attention group, the inputs every block shares (built once per step)."""
-        if self._prepared is not None and self._prepared[0] is meta:
-            return self._prepared[1]
-        prepared = []
-        for g in meta.groups:
-            rows = slice(g.row_start, g.row_end)
-            positions = meta.positions[rows].view(g.num_seqs, g.max_new)  # [B, T]
-            prepared.append(
-                {
-                    "cos": meta.cos[rows, 0].contiguous(),  # [n, head_dim]
-                    "sin": meta.sin[rows, 0].contiguous(),
-                    "page_ids": g.kv_pages.contiguous(),
-                    "mask": group_mask(positions, g.kv_pages.shape[1] * meta.page_size),
-                    "slots": meta.slot_mapping[rows],
-                }
-            )
-        self._prepared = (meta, prepared)
-        return prepared
+        if self._prepared is None or self._prepared[0] is not meta:
+            self._prepared = (meta, group_inputs(meta, self.device))
+        return self._prepared[1]
 
     def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         start, end = self.block_ranges[block_idx]

@@ -18,7 +18,7 @@ from offramp.block_engine import BlockEngine
 from offramp.kv_store import KVStore
 from offramp.manifest import ExportManifest
 from offramp.modeling import ModelWeights
-from offramp.ort_engine import group_mask
+from offramp.ort_engine import group_inputs
 
 
 class TrtBlockEngine(BlockEngine):
@@ -59,22 +59,9 @@ class TrtBlockEngine(BlockEngine):
         self._prepared: tuple[AttentionMetadata, list[dict[str, torch.Tensor]]] | None = None
 
     def _group_inputs(self, meta: AttentionMetadata) -> list[dict[str, torch.Tensor]]:
-        if self._prepared is not None and self._prepared[0] is meta:
-            return self._prepared[1]
-        prepared = []
-        for g in meta.groups:
-            rows = slice(g.row_start, g.row_end)
-            positions = meta.positions[rows].view(g.num_seqs, g.max_new)  # [B, T]
-            host = {
-                "cos": meta.cos[rows, 0].float(),  # [n, head_dim]
-                "sin": meta.sin[rows, 0].float(),
-                "page_ids": g.kv_pages,  # [B, P]
-                "mask": group_mask(positions, g.kv_pages.shape[1] * meta.page_size),  # [B, T, C + T]
-                "slots": meta.slot_mapping[rows],  # [n]
-            }
-            prepared.append({k: v.contiguous().to(self.device, non_blocking=True) for k, v in host.items()})
-        self._prepared = (meta, prepared)
-        return prepared
+        if self._prepared is None or self._prepared[0] is not meta:
+            self._prepared = (meta, group_inputs(meta, self.device))
+        return self._prepared[1]
 
     def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         start, end = self.block_ranges[block_idx]
