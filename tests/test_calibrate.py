@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from offramp import EngineConfig, SamplingParams
-from offramp import calibrate as cal
-from offramp.calibrate import TrainConfig, calibrate, load_activations
+from offramp import activations as acts
+from offramp.activations import load_activations
+from offramp.calibrate import TrainConfig, calibrate
 from offramp.cli import main
 from offramp.engine import LLMEngine
-from offramp.evaluate import SimResult, full_tokens, head_outputs, pick_threshold
+from offramp.exit_sim import SimResult, full_tokens, head_outputs, pick_threshold
 from offramp.exits import ClassifierExit, LowRankHead
 from offramp.serving_config import load_serving_config
 
@@ -154,8 +155,8 @@ def test_calibrated_engine_json_serves(calibrated):
 def test_rerun_reuses_the_cache(tiny_models, tmp_path, monkeypatch):
     engine = _engine(tiny_models["llama"])
     calls = []
-    real_collect = cal.collect
-    monkeypatch.setattr(cal, "collect", lambda *a, **k: calls.append(1) or real_collect(*a, **k))
+    real_collect = acts.collect
+    monkeypatch.setattr(acts, "collect", lambda *a, **k: calls.append(1) or real_collect(*a, **k))
     first = _run(engine, tmp_path, cfg=FAST)
     assert len(calls) == 2 and first.reused == []  # train and held
     files = ("one_jump", "per_level", "classifier")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from offramp.calibrate import load_prompt_rows
+from offramp.activations import load_prompt_rows
 from offramp.cli import main
 
 CATEGORIES = ("factual", "classification", "longform", "code")

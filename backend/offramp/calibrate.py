@@ -19,11 +19,8 @@ rerun reuses a file whose settings match (unless ``force``), and the activations
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -32,11 +29,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from offramp import evaluate as ev
+from offramp import exit_sim as ev
+from offramp.activations import (
+    Activations,
+    load_or_collect,
+)
 from offramp.engine import LLMEngine
 from offramp.exits import ExitHead, IdentityHead, LowRankHead
 from offramp.modeling import ModelWeights, final_logits
-from offramp.sampling import SamplingParams
 from offramp.serving_config import SERVER_KEYS, ServingConfig, load_serving_config
 
 HEADS = ("identity", "one_jump", "per_level")
@@ -48,25 +48,6 @@ FILES = {
     "report": "calibration.json",
     "engine": "engine.calibrated.json",
 }
-
-
-@dataclass(slots=True)
-class Activations:
-    """Hidden states at the positions that predicted generated tokens."""
-
-    at_depth: dict[int, torch.Tensor]  # depth -> [n, hidden]
-    final: torch.Tensor  # [n, hidden] after the last layer
-    similarity: dict[int, torch.Tensor] = field(default_factory=dict)  # depth -> [n] cos(before block, after)
-    prompt_index: torch.Tensor | None = None  # [n] which prompt each row belongs to
-    prompts: list[str] = field(default_factory=list)
-    categories: list[str] = field(default_factory=list)  # per prompt
-
-    @property
-    def num_tokens(self) -> int:
-        return self.final.shape[0]
-
-    def token_categories(self) -> list[str]:
-        return [self.categories[i] for i in self.prompt_index.tolist()]
 
 
 @dataclass(slots=True)
@@ -102,121 +83,6 @@ class CalibrationReport:
     thresholds: dict = field(default_factory=dict)  # serving head, targets, per policy: choice and sweep
     calibrated: dict = field(default_factory=dict)  # the policy/threshold written to engine.calibrated.json
     reused: list[str] = field(default_factory=list)  # cached or trained files reused from an earlier run
-
-
-def collect(
-    engine: LLMEngine,
-    prompts: list[str],
-    depths: tuple[int, ...],
-    max_tokens: int,
-    progress: bool,
-    categories: list[str] | None = None,
-) -> Activations:
-    """Generate answers (greedy, full depth) and collect hidden states by teacher forcing."""
-    ids = [engine.encode(p) for p in prompts]
-    outs = engine.generate(ids, SamplingParams(max_tokens=max_tokens, exit_policy="none"))
-    starts = {end: start for start, end in engine.block_ranges if end in depths}  # depth -> its block's start
-    capture = tuple(sorted(set(depths) | {s for s in starts.values() if s > 0}))
-    at_depth: dict[int, list[torch.Tensor]] = {d: [] for d in depths}
-    sims: dict[int, list[torch.Tensor]] = {d: [] for d in depths}
-    finals, owner = [], []
-    for i, (prompt_ids, out) in enumerate(tqdm(list(zip(ids, outs)), desc="collect", disable=not progress)):
-        if not out.token_ids:
-            continue
-        captured, final = engine.teacher_forced_hidden(prompt_ids, out.token_ids, capture)
-        fed = torch.tensor((list(prompt_ids) + out.token_ids[:-1])[len(prompt_ids) - 1 :])
-        embedded = F.embedding(fed, engine.weights.embed)  # [k, hidden]: the input of the first block
-        for d in depths:  # copies outside inference mode, so that training can use them
-            before = embedded if starts[d] == 0 else captured[starts[d]]
-            sims[d].append(F.cosine_similarity(captured[d].float(), before.float(), dim=-1).clone())  # [k]
-            at_depth[d].append(captured[d].to(torch.float32, copy=True))
-        finals.append(final.to(torch.float32, copy=True))
-        owner.append(torch.full((final.shape[0],), i, dtype=torch.long))
-    if not finals:
-        raise ValueError("prompts: the model generated no tokens for any calibration prompt")
-    return Activations(
-        {d: torch.cat(v) for d, v in at_depth.items()},
-        torch.cat(finals),
-        {d: torch.cat(v) for d, v in sims.items()},
-        torch.cat(owner),
-        list(prompts),
-        list(categories) if categories is not None else ["all"] * len(prompts),
-    )
-
-
-def load_prompt_rows(path: str | None = None) -> list[dict]:
-    """``{"prompt", "category"}`` per line of a JSONL prompt file (the bundled set by default);
-    a line without a category gets "uncategorized"."""
-    from offramp.bench import load_prompts
-
-    prompts = load_prompts(path)  # validates every line
-    if path is None:
-        text = resources.files("offramp").joinpath("data/prompts.jsonl").read_text(encoding="utf-8")
-    else:
-        text = Path(path).read_text(encoding="utf-8")
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [{"prompt": p, "category": str(r.get("category", "uncategorized"))} for p, r in zip(prompts, rows)]
-
-
-def _digest(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def activation_key(engine: LLMEngine, prompts: dict, depths: tuple[int, ...], max_tokens: int, seed: int) -> str:
-    """What the collected activations depend on: model, dtype, layout, prompts, max tokens, seed."""
-    return _digest(
-        {
-            "model": engine.config.model,
-            "checkpoint": str(engine.checkpoint),
-            "dtype": engine.config.dtype,
-            "engine": engine.config.engine,
-            "blocks": engine.block_ranges,
-            "depths": list(depths),
-            "chat": engine.config.use_chat_template,
-            "prompts": prompts,
-            "max_tokens": max_tokens,
-            "seed": seed,
-        }
-    )
-
-
-def _to_dict(a: Activations) -> dict:
-    return {f.name: getattr(a, f.name) for f in dataclasses.fields(Activations)}
-
-
-def load_activations(path: Path) -> tuple[str, Activations, Activations]:
-    """(key, train, held) from an ``activations.pt`` cache."""
-    try:
-        saved = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise ValueError(f"{path}: cannot read cached activations ({exc}); run offramp calibrate") from None
-    return saved["key"], Activations(**saved["train"]), Activations(**saved["held"])
-
-
-def load_or_collect(
-    engine: LLMEngine,
-    prompts: dict,
-    depths: tuple[int, ...],
-    max_tokens: int,
-    seed: int,
-    path: Path,
-    progress: bool,
-) -> tuple[str, Activations, Activations, bool]:
-    """Cached activations when their key matches, else collect (train and held) and cache them."""
-    key = activation_key(engine, prompts, depths, max_tokens, seed)
-    if path.is_file():
-        try:
-            saved_key, train, held = load_activations(path)
-            if saved_key == key:
-                return key, train, held, True
-        except (ValueError, KeyError, TypeError):
-            pass
-        print(f"offramp: {path} was collected with other settings; collecting again", file=sys.stderr)
-    torch.manual_seed(seed)
-    train = collect(engine, prompts["train"], depths, max_tokens, progress)
-    held = collect(engine, prompts["held"], depths, max_tokens, progress, prompts["held_categories"])
-    torch.save({"key": key, "train": _to_dict(train), "held": _to_dict(held)}, path)
-    return key, train, held, False
 
 
 def _logits(weights: ModelWeights, h: torch.Tensor) -> torch.Tensor:

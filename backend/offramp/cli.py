@@ -7,79 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from offramp.config import DTYPES, ENGINES, EXIT_POLICIES, KV_FILLS, EngineConfig
+from offramp.cli_args import engine_args, engine_config
+from offramp.cli_model_tools import cmd_calibrate, cmd_eval, cmd_export
 from offramp.model_loader import ModelLoadError
 from offramp.sampling import SamplingParams
-
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
-    g.add_argument("--dtype", default="float32", choices=DTYPES)
-    g.add_argument(
-        "--engine", default="torch", choices=ENGINES, help="block engine (exported ones export on first use)"
-    )
-    g.add_argument("--export-dir", default=None, help="exported blocks (default: a cache directory per model/layout)")
-    g.add_argument("--block-size", type=int, default=2, help="decoder layers per block")
-    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    g.add_argument("--num-pages", type=int, default=None, help="KV budget in pages (overrides --kv-budget-mb)")
-    g.add_argument("--kv-budget-mb", type=int, default=512, help="KV budget in MiB")
-    g.add_argument("--max-num-seqs", type=int, default=32)
-    g.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    g.add_argument("--raw", action="store_true", help="send prompts as raw text, without the chat template")
-    e = p.add_argument_group("early exit")
-    e.add_argument("--exit-policy", default="none", choices=EXIT_POLICIES)
-    e.add_argument("--exit-threshold", type=float, default=0.9, help="softmax: top-1 prob; similarity: cosine")
-    e.add_argument("--min-exit-layer", type=int, default=1, help="no token leaves before this many layers")
-    e.add_argument(
-        "--exit-points", default=None, help="comma-separated layer depths (block ends) where tokens may leave"
-    )
-    e.add_argument("--kv-fill", default="propagate", choices=KV_FILLS, help="K/V of skipped layers")
-    e.add_argument("--exit-classifier", default=None, help="safetensors file for --exit-policy classifier")
-    e.add_argument("--exit-head", default=None, help="safetensors file of trained low-rank shortcut heads")
-    e.add_argument(
-        "--exit-gate",
-        default=None,
-        choices=["similarity", "classifier"],
-        help="cheap gate before the softmax check: softmax runs only where the gate passes",
-    )
-    e.add_argument("--exit-gate-threshold", type=float, default=0.95)
-
-
-def _config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        engine=args.engine,
-        export_dir=args.export_dir,
-        block_size=args.block_size,
-        page_size=args.page_size,
-        num_pages=args.num_pages,
-        kv_budget_bytes=args.kv_budget_mb * 1024 * 1024,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        num_threads=args.num_threads,
-        use_chat_template=not args.raw,
-        exit_policy=args.exit_policy,
-        exit_threshold=args.exit_threshold,
-        min_exit_layer=args.min_exit_layer,
-        exit_points=_int_list("exit-points", args.exit_points),
-        kv_fill=args.kv_fill,
-        exit_classifier=args.exit_classifier,
-        exit_head=args.exit_head,
-        exit_gate=args.exit_gate,
-        exit_gate_threshold=args.exit_gate_threshold,
-    )
-
-
-def _int_list(name: str, text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text offline for one or more prompts (batched together)")
-    _engine_args(gen)
+    engine_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -98,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
     bench = sub.add_parser("bench", help="measure throughput and latency (one JSON line)")
-    _engine_args(bench)
+    engine_args(bench)
     bench.add_argument("--prompts-file", default=None, help="JSONL with a 'prompt' field (default: bundled set)")
     bench.add_argument("--num-requests", type=int, default=32)
     bench.add_argument("--concurrency", type=int, default=16)
@@ -108,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print only the JSON line")
     bench.add_argument("--output", default=None, help="append the JSON line to this file and draw a PNG beside it")
     cal = sub.add_parser("calibrate", help="train low-rank exit shortcuts (one-jump and per-level) by distillation")
-    _engine_args(cal)
+    engine_args(cal)
     cal.add_argument("--out", required=True, help="directory for the heads (safetensors) and calibration.json")
     cal.add_argument("--one-jump-depth", type=int, default=20, help="depth the one-jump shortcut is trained at")
     cal.add_argument("--rank", type=int, default=64)
@@ -186,119 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from offramp_export import export_model
-
-    config = EngineConfig(
-        model=args.model,
-        block_size=args.block_size,
-        block_boundaries=_int_list("block-boundaries", args.block_boundaries),
-        page_size=args.page_size,
-        exit_head=args.exit_head,
-    )
-    from offramp.model_loader import load_config, model_shape, resolve_model
-
-    num_layers = model_shape(load_config(resolve_model(config.model))).num_layers
-    exit_head = Path(args.exit_head) if args.exit_head else None
-    result = export_model(
-        config.model, config.block_ranges(num_layers), config.page_size, Path(args.output), exit_head, args.force
-    )
-    summary = {
-        "directory": str(result.directory),
-        "reused": result.reused,
-        "seconds": round(result.seconds, 2),
-        "blocks": len(result.manifest.blocks),
-        "exit_heads": sorted(result.manifest.exit_heads),
-        "bytes": sum(p.stat().st_size for p in result.directory.rglob("*") if p.is_file()),
-    }
-    if args.tensorrt:
-        from offramp_export.tensorrt_build import TensorRTUnavailable, build_engines
-
-        try:
-            built = build_engines(result.directory, args.trt_precision)
-            summary["tensorrt"] = {"engines": len(built.engines), "reused": built.reused, "seconds": built.seconds}
-        except TensorRTUnavailable as exc:
-            summary["tensorrt"] = f"skipped: {exc}"
-            print(f"offramp export: TensorRT skipped: {exc}", file=sys.stderr)
-    print(json.dumps(summary))
-    return 0
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from offramp.calibrate import TrainConfig, calibrate, load_prompt_rows, report_json
-    from offramp.engine import LLMEngine
-
-    cfg = TrainConfig(
-        rank=args.rank,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        classifier_steps=args.classifier_steps,
-    )
-    rows = load_prompt_rows(args.prompts_file)
-    held = rows[3::4]  # every fourth prompt is held out for evaluation
-    train = [r["prompt"] for i, r in enumerate(rows) if i % 4 != 3]
-    if not held or not train:
-        raise ValueError("prompts-file: needs at least 4 prompts (one in four is held out)")
-    try:
-        targets = tuple(float(t) for arg in args.target_agreement or ["0.95"] for t in arg.split(",") if t.strip())
-    except ValueError:
-        raise ValueError(f"target_agreement: expected numbers, got {args.target_agreement}") from None
-    engine = LLMEngine(_config(args))
-    report = calibrate(
-        engine,
-        train,
-        [r["prompt"] for r in held],
-        Path(args.out),
-        args.one_jump_depth,
-        cfg,
-        args.max_tokens,
-        sys.stderr.isatty(),
-        eval_categories=[r["category"] for r in held],
-        targets=targets,
-        serve_head=args.classifier_head,
-        force=args.force,
-    )
-    summary = report_json(report)
-    summary["thresholds"] = summary["thresholds"]["policies"]  # the sweeps are in calibration.json
-    print(json.dumps(summary))
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from offramp.calibrate import FILES, load_activations
-    from offramp.engine import LLMEngine
-    from offramp.evaluate import DEFAULT_THRESHOLDS, EvalConfig, evaluate, write_report
-    from offramp.serving_config import load_serving_config
-
-    cal_dir = Path(args.calibration)
-    thresholds = dict(DEFAULT_THRESHOLDS)
-    for item in args.thresholds:
-        policy, _, values = item.partition("=")
-        try:
-            thresholds[policy.strip()] = tuple(float(v) for v in values.split(",") if v.strip())
-        except ValueError:
-            raise ValueError(f"thresholds: expected POLICY=T1,T2,..., got {item!r}") from None
-    cfg = EvalConfig(
-        cal_dir,
-        Path(args.output),
-        thresholds,
-        measure=args.measure,
-        num_requests=args.num_requests,
-        concurrency=args.concurrency,
-        max_tokens=args.max_tokens,
-    )
-    overrides = {k: v for k, v in (("model", args.model), ("num_threads", args.num_threads)) if v is not None}
-    engine = LLMEngine(load_serving_config(cal_dir / FILES["engine"], overrides).engine)
-    _, _, held = load_activations(cal_dir / FILES["activations"])
-    report = evaluate(engine, held, cfg, sys.stderr.isatty())
-    paths = write_report(report, cfg.output_dir)
-    print(json.dumps(report["summary"]))
-    print(f"offramp: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
-    return 0
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from offramp.serve import run_server
 
@@ -344,7 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
     )
-    engine = LLMEngine(_config(args))
+    engine = LLMEngine(engine_config(args))
     outputs = engine.generate(args.prompt, params)
     if args.json:
         rows = [
@@ -374,7 +192,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.ignore_eos and args.compare == "hf":
         raise ValueError("ignore-eos: HF generate stops at EOS, so it cannot be compared with --compare hf")
     prompts = load_prompts(args.prompts_file)
-    engine = LLMEngine(_config(args))
+    engine = LLMEngine(engine_config(args))
     result = bench(
         engine,
         prompts,

@@ -8,12 +8,13 @@ here. Session threads do not spin (see ``session_options``). The CUDA or TensorR
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from offramp.attention import AttentionGroup, AttentionMetadata
+from offramp.attention import AttentionMetadata
 from offramp.block_engine import BlockEngine
 from offramp.kv_store import KVStore
 from offramp.manifest import ExportManifest
@@ -68,7 +69,45 @@ def group_inputs(meta: AttentionMetadata, device: torch.device) -> list[dict[str
     return prepared
 
 
-class OrtBlockEngine(BlockEngine):
+class ExportedBlockEngine(BlockEngine):
+    """What the engines over exported block graphs share: the step's group inputs (built once per
+    step), the graph's inputs and outputs per group, and storing the new K/V. Subclasses run one
+    block graph (``_execute``) on tensors of ``self.device``."""
+
+    device: torch.device
+    _prepared: tuple[AttentionMetadata, list[dict[str, torch.Tensor]]] | None = None
+
+    def _group_inputs(self, meta: AttentionMetadata) -> list[dict[str, torch.Tensor]]:
+        if self._prepared is None or self._prepared[0] is not meta:
+            self._prepared = (meta, group_inputs(meta, self.device))
+        return self._prepared[1]
+
+    @abstractmethod
+    def _execute(self, block_idx: int, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Run block ``block_idx``'s graph from ``feeds`` into the preallocated ``outputs``."""
+
+    def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        start, end = self.block_ranges[block_idx]
+        s = self.weights.shape
+        outs = []
+        for g, inputs in zip(meta.groups, self._group_inputs(meta)):
+            rows = hidden[g.row_start : g.row_end].to(self.device, torch.float32).contiguous()  # [n, hidden]
+            n = rows.shape[0]
+            feeds = {"hidden": rows, **{k: v for k, v in inputs.items() if k != "slots"}}
+            outputs = {"hidden_out": torch.empty(n, s.hidden_size, device=self.device)}  # [n, hidden]
+            for i, layer in enumerate(range(start, end)):
+                feeds[f"k_store.{i}"], feeds[f"v_store.{i}"] = self.kv.k[layer], self.kv.v[layer]
+                for kind in ("k", "v"):  # [n, kv_heads, head_dim]
+                    outputs[f"{kind}_new.{i}"] = torch.empty(n, s.num_kv_heads, s.head_dim, device=self.device)
+            self._execute(block_idx, feeds, outputs)
+            for i, layer in enumerate(range(start, end)):
+                self.kv.write(layer, inputs["slots"], outputs[f"k_new.{i}"], outputs[f"v_new.{i}"])
+            outs.append(outputs["hidden_out"])
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.to(hidden.device, hidden.dtype)
+
+
+class OrtBlockEngine(ExportedBlockEngine):
     name = "onnxruntime"
 
     def __init__(
@@ -98,46 +137,14 @@ class OrtBlockEngine(BlockEngine):
             ort.InferenceSession(str(Path(export_dir) / b.file), options, providers=providers)
             for b in self.manifest.blocks
         ]
-        self.output_names = [o.name for o in self.sessions[0].get_outputs()]
-        self._prepared: tuple[AttentionMetadata, list[dict[str, torch.Tensor]]] | None = None
 
-    def _group_inputs(self, meta: AttentionMetadata) -> list[dict[str, torch.Tensor]]:
-        """Per attention group, the inputs every block shares (built once per step)."""
-        if self._prepared is None or self._prepared[0] is not meta:
-            self._prepared = (meta, group_inputs(meta, self.device))
-        return self._prepared[1]
-
-    def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        start, end = self.block_ranges[block_idx]
-        outs = [
-            self._run_group(block_idx, start, end, hidden[g.row_start : g.row_end].contiguous(), inputs, g)
-            for g, inputs in zip(meta.groups, self._group_inputs(meta))
-        ]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def _run_group(
-        self, block_idx: int, start: int, end: int, hidden: torch.Tensor, inputs: dict, g: AttentionGroup
-    ) -> torch.Tensor:
-        session = self.sessions[block_idx]
-        binding = session.io_binding()
-        feeds = {"hidden": hidden, **{k: v for k, v in inputs.items() if k != "slots"}}
-        for i, layer in enumerate(range(start, end)):
-            feeds[f"k_store.{i}"], feeds[f"v_store.{i}"] = self.kv.k[layer], self.kv.v[layer]
+    def _execute(self, block_idx: int, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        binding = self.sessions[block_idx].io_binding()
         for name, tensor in feeds.items():
             self._bind(binding.bind_input, name, tensor)
-        n = hidden.shape[0]
-        s = self.weights.shape
-        out = torch.empty(n, s.hidden_size, dtype=hidden.dtype, device=hidden.device)  # [n, hidden]
-        new_kv = [
-            torch.empty(n, s.num_kv_heads, s.head_dim, dtype=hidden.dtype, device=hidden.device)
-            for _ in range(2 * (end - start))
-        ]  # [n, kv_heads, head_dim] each
-        for name, tensor in zip(self.output_names, [out, *new_kv]):
+        for name, tensor in outputs.items():
             self._bind(binding.bind_output, name, tensor)
-        session.run_with_iobinding(binding)
-        for i, layer in enumerate(range(start, end)):
-            self.kv.write(layer, inputs["slots"], new_kv[2 * i], new_kv[2 * i + 1])
-        return out
+        self.sessions[block_idx].run_with_iobinding(binding)
 
     @staticmethod
     def _bind(bind, name: str, tensor: torch.Tensor) -> None:

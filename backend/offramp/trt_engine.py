@@ -13,15 +13,13 @@ from pathlib import Path
 
 import torch
 
-from offramp.attention import AttentionMetadata
-from offramp.block_engine import BlockEngine
 from offramp.kv_store import KVStore
 from offramp.manifest import ExportManifest
 from offramp.modeling import ModelWeights
-from offramp.ort_engine import group_inputs
+from offramp.ort_engine import ExportedBlockEngine
 
 
-class TrtBlockEngine(BlockEngine):
+class TrtBlockEngine(ExportedBlockEngine):
     name = "tensorrt"
 
     def __init__(
@@ -56,34 +54,9 @@ class TrtBlockEngine(BlockEngine):
                 raise ValueError(f"engine tensorrt: cannot load {plan} (built by another TensorRT version or GPU?)")
             self.engines.append(engine)
             self.contexts.append(engine.create_execution_context())
-        self._prepared: tuple[AttentionMetadata, list[dict[str, torch.Tensor]]] | None = None
 
-    def _group_inputs(self, meta: AttentionMetadata) -> list[dict[str, torch.Tensor]]:
-        if self._prepared is None or self._prepared[0] is not meta:
-            self._prepared = (meta, group_inputs(meta, self.device))
-        return self._prepared[1]
-
-    def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        start, end = self.block_ranges[block_idx]
-        outs = []
-        for g, inputs in zip(meta.groups, self._group_inputs(meta)):
-            rows = hidden[g.row_start : g.row_end].to(self.device, torch.float32).contiguous()  # [n, hidden]
-            outs.append(self._run_group(block_idx, start, end, rows, inputs))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return out.to(hidden.device, hidden.dtype)
-
-    def _run_group(self, block_idx: int, start: int, end: int, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
+    def _execute(self, block_idx: int, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         context = self.contexts[block_idx]
-        s = self.weights.shape
-        n = hidden.shape[0]
-        feeds = {"hidden": hidden, **{k: v for k, v in inputs.items() if k != "slots"}}
-        for i, layer in enumerate(range(start, end)):
-            feeds[f"k_store.{i}"], feeds[f"v_store.{i}"] = self.kv.k[layer], self.kv.v[layer]
-        out = torch.empty(n, s.hidden_size, device=self.device)  # [n, hidden]
-        new_kv = [torch.empty(n, s.num_kv_heads, s.head_dim, device=self.device) for _ in range(2 * (end - start))]
-        outputs = {"hidden_out": out}
-        for i in range(end - start):
-            outputs[f"k_new.{i}"], outputs[f"v_new.{i}"] = new_kv[2 * i], new_kv[2 * i + 1]
         for name, tensor in feeds.items():
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
@@ -91,6 +64,3 @@ class TrtBlockEngine(BlockEngine):
             context.set_tensor_address(name, tensor.data_ptr())
         if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"TensorRT block {block_idx} failed to run")
-        for i, layer in enumerate(range(start, end)):
-            self.kv.write(layer, inputs["slots"], new_kv[2 * i], new_kv[2 * i + 1])
-        return out
