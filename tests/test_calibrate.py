@@ -12,10 +12,21 @@ from safetensors import safe_open
 from offramp import EngineConfig, SamplingParams
 from offramp import activations as acts
 from offramp.activations import load_activations
-from offramp.calibrate import TrainConfig, calibrate
+from offramp.calibrate import TrainConfig, _SoftCrossEntropy, calibrate, engine_json
 from offramp.cli import main
 from offramp.engine import LLMEngine
-from offramp.exit_sim import SimResult, full_tokens, head_outputs, pick_threshold
+from offramp.exit_sim import (
+    HeadOutputs,
+    SimResult,
+    best_from_depth,
+    exit_costs,
+    full_tokens,
+    head_outputs,
+    pick_threshold,
+    policy_scores,
+    simulate,
+    sweep,
+)
 from offramp.exits import ClassifierExit, LowRankHead
 from offramp.serving_config import load_serving_config
 
@@ -197,3 +208,62 @@ def test_calibrate_cli_errors(tiny_models, tmp_path, capsys):
     assert main([*argv[:-6], "--steps", "0"]) == 2
     assert main([*argv[:-5], "2", "--target-agreement", "1.5"]) == 2
     assert "target_agreement: each must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_soft_cross_entropy_matches_torch():
+    logits = torch.randn(5, 40, requires_grad=True)
+    target = torch.softmax(torch.randn(5, 40), -1)
+    ours = _SoftCrossEntropy.apply(logits, target)
+    (grad,) = torch.autograd.grad(ours, logits)
+    ref = F.cross_entropy(logits, target)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_sampled_answers_add_rows_of_the_same_prompts(tiny_models):
+    engine = _engine(tiny_models["llama"])
+    params = acts.answer_params(3, 6, 2, seed=5)
+    assert [p.temperature for p in params] == [0.0] * 3 + [acts.SAMPLE_TEMPERATURE] * 6
+    assert len({p.seed for p in params[3:]}) == 6  # every sampled answer has its own seed
+    assert [p.seed for p in acts.answer_params(3, 6, 2, seed=5)] == [p.seed for p in params]  # reproducible
+    greedy = acts.collect(engine, TRAIN[:3], (2, 3), 6, False)
+    more = acts.collect(engine, TRAIN[:3], (2, 3), 6, False, samples=2, seed=5)
+    assert more.num_tokens > greedy.num_tokens
+    assert sorted(set(more.prompt_index.tolist())) == [0, 1, 2]  # rows point at their prompt
+    n = greedy.num_tokens  # the greedy answers come first, unchanged
+    torch.testing.assert_close(more.at_depth[2][:n], greedy.at_depth[2])
+    key = acts.activation_key(engine, {"train": TRAIN[:3]}, (2, 3), 6, 0)
+    assert key != acts.activation_key(engine, {"train": TRAIN[:3]}, (2, 3), 6, 0, samples=2)
+
+
+def test_bundled_calibration_prompts_are_training_only():
+    rows = acts.load_calibration_rows()
+    assert len(rows) == 200 and len({r["prompt"] for r in rows}) == 200
+    assert {r["category"] for r in rows} == {"factual", "classification", "longform", "code", "summarize"}
+    assert not {r["prompt"] for r in rows} & {r["prompt"] for r in acts.load_prompt_rows()}
+
+
+def test_best_from_depth_meets_the_target_and_serves(calibrated):
+    engine, report, out = calibrated
+    _, _, held = load_activations(out / "activations.pt")
+    w = engine.weights
+    head = LowRankHead(w, out / "one_jump.safetensors")
+    depths = report.exit_depths
+    outputs, full = head_outputs(w, head, held, depths), full_tokens(w, held.final)
+    costs = exit_costs(w, head)
+    score = policy_scores(outputs, held, ClassifierExit(out / "classifier.safetensors", torch.float32))["classifier"]
+    for target in (0.5, 0.8):
+        row = best_from_depth("classifier", score, outputs, full, costs, target)
+        assert row["token_agreement"] >= target and row["min_exit_layer"] in depths
+        j = depths.index(row["min_exit_layer"])  # the row is the simulation with exits from there on only
+        sub = HeadOutputs(depths[j:], outputs.tokens[j:], outputs.top1[j:])
+        again = simulate("classifier", score[j:], sub, full, row["threshold"], costs).row()
+        assert again == {k: v for k, v in row.items() if k != "min_exit_layer"}
+        for m in range(j):  # no earlier first depth estimates faster at the target
+            earlier = HeadOutputs(depths[m:], outputs.tokens[m:], outputs.top1[m:])
+            runs = sweep("classifier", score[m:], earlier, full, costs)
+            assert pick_threshold(runs, target).est_speedup <= row["est_speedup"]
+    chosen = {"policy": "classifier", "threshold": 0.7, "min_exit_layer": 3}
+    served = engine_json(engine, chosen, out / "one_jump.safetensors", out / "classifier.safetensors")
+    assert served["min_exit_layer"] == 3 and served["exit_threshold"] == 0.7

@@ -269,6 +269,12 @@ def test_low_rank_head_from_file(tiny_models, tmp_path):
     served = _engine(tiny_models, exit_head=str(trained), min_exit_layer=2)
     out = served.generate([PROMPTS[0]], SamplingParams(max_tokens=4, exit_policy="softmax", exit_threshold=0.0))[0]
     assert out.exit_layers == [4, 2, 2, 2] and served.runner.head.name == "low_rank"
+    # Leavers whose policy computed no logits (similarity) share one LM head call with the full-depth
+    # rows, after their depth's shortcut: the same tokens as the softmax policy's own head.logits.
+    by_head = served.generate(PROMPTS[:2], SamplingParams(max_tokens=6, exit_policy="softmax", exit_threshold=0.0))
+    shared = served.generate(PROMPTS[:2], SamplingParams(max_tokens=6, exit_policy="similarity", exit_threshold=-1.0))
+    assert [o.exit_layers for o in shared] == [o.exit_layers for o in by_head] == [[4] + [2] * 5] * 2
+    assert [o.token_ids for o in shared] == [o.token_ids for o in by_head]
 
 
 @pytest.mark.parametrize("kv_fill", ["propagate", "recompute"])

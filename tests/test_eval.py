@@ -44,7 +44,8 @@ def calibration(tiny_models, tmp_path_factory):
         "--classifier-steps",
         "60",
     ]
-    argv += ["--max-tokens", "12", "--prompts-file", str(prompts), "--target-agreement", "0.6,0.9"]
+    argv += ["--max-tokens", "12", "--prompts-file", str(prompts), "--train-prompts-file", "none"]
+    argv += ["--target-agreement", "0.6,0.9"]
     assert main(argv) == 0
     return root
 

@@ -40,6 +40,28 @@ class Activations:
         return [self.categories[i] for i in self.prompt_index.tolist()]
 
 
+SAMPLE_TEMPERATURE = 0.8  # extra answers per training prompt (``samples``) are drawn at this temperature
+SAMPLE_TOP_P = 0.95
+
+
+def answer_params(num_prompts: int, max_tokens: int, samples: int, seed: int) -> list[SamplingParams]:
+    """Per answer: the greedy one of each prompt, then ``samples`` seeded sampled ones of each
+    (more, and more varied, text from the same prompts; the full model is the target either way)."""
+    params = [SamplingParams(max_tokens=max_tokens, exit_policy="none") for _ in range(num_prompts)]
+    for k in range(samples):
+        params += [
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=SAMPLE_TEMPERATURE,
+                top_p=SAMPLE_TOP_P,
+                seed=seed * 1_000_003 + k * 100_003 + i,
+                exit_policy="none",
+            )
+            for i in range(num_prompts)
+        ]
+    return params
+
+
 def collect(
     engine: LLMEngine,
     prompts: list[str],
@@ -47,10 +69,15 @@ def collect(
     max_tokens: int,
     progress: bool,
     categories: list[str] | None = None,
+    samples: int = 0,
+    seed: int = 0,
 ) -> Activations:
-    """Generate answers (greedy, full depth) and collect hidden states by teacher forcing."""
+    """Generate answers (greedy, plus ``samples`` sampled per prompt; full depth) and collect
+    hidden states by teacher forcing."""
     ids = [engine.encode(p) for p in prompts]
-    outs = engine.generate(ids, SamplingParams(max_tokens=max_tokens, exit_policy="none"))
+    params = answer_params(len(prompts), max_tokens, samples, seed)
+    outs = engine.generate(ids * (1 + samples), params)
+    ids = ids * (1 + samples)
     starts = {end: start for start, end in engine.block_ranges if end in depths}  # depth -> its block's start
     capture = tuple(sorted(set(depths) | {s for s in starts.values() if s > 0}))
     at_depth: dict[int, list[torch.Tensor]] = {d: [] for d in depths}
@@ -67,7 +94,7 @@ def collect(
             sims[d].append(F.cosine_similarity(captured[d].float(), before.float(), dim=-1).clone())  # [k]
             at_depth[d].append(captured[d].to(torch.float32, copy=True))
         finals.append(final.to(torch.float32, copy=True))
-        owner.append(torch.full((final.shape[0],), i, dtype=torch.long))
+        owner.append(torch.full((final.shape[0],), i % len(prompts), dtype=torch.long))
     if not finals:
         raise ValueError("prompts: the model generated no tokens for any calibration prompt")
     return Activations(
@@ -94,12 +121,24 @@ def load_prompt_rows(path: str | None = None) -> list[dict]:
     return [{"prompt": p, "category": str(r.get("category", "uncategorized"))} for p, r in zip(prompts, rows)]
 
 
+def load_calibration_rows(path: str | None = None) -> list[dict]:
+    """Training-only prompts: a JSONL file like ``load_prompt_rows`` reads, or by default the bundled
+    calibration set (200 prompts in the same five categories as the bundled prompts, none shared)."""
+    if path is not None:
+        return load_prompt_rows(path)
+    text = resources.files("offramp").joinpath("data/calibration_prompts.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [{"prompt": str(r["prompt"]), "category": str(r.get("category", "uncategorized"))} for r in rows]
+
+
 def _digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def activation_key(engine: LLMEngine, prompts: dict, depths: tuple[int, ...], max_tokens: int, seed: int) -> str:
-    """What the collected activations depend on: model, dtype, layout, prompts, max tokens, seed."""
+def activation_key(
+    engine: LLMEngine, prompts: dict, depths: tuple[int, ...], max_tokens: int, seed: int, samples: int = 0
+) -> str:
+    """What the collected activations depend on: model, dtype, layout, prompts, answers, seed."""
     return _digest(
         {
             "model": engine.config.model,
@@ -112,6 +151,7 @@ def activation_key(engine: LLMEngine, prompts: dict, depths: tuple[int, ...], ma
             "prompts": prompts,
             "max_tokens": max_tokens,
             "seed": seed,
+            "samples": [samples, SAMPLE_TEMPERATURE, SAMPLE_TOP_P] if samples else 0,
         }
     )
 
@@ -137,9 +177,11 @@ def load_or_collect(
     seed: int,
     path: Path,
     progress: bool,
+    samples: int = 0,
 ) -> tuple[str, Activations, Activations, bool]:
-    """Cached activations when their key matches, else collect (train and held) and cache them."""
-    key = activation_key(engine, prompts, depths, max_tokens, seed)
+    """Cached activations when their key matches, else collect (train and held) and cache them.
+    ``samples``: sampled answers per training prompt besides the greedy one (held-out: greedy only)."""
+    key = activation_key(engine, prompts, depths, max_tokens, seed, samples)
     if path.is_file():
         try:
             saved_key, train, held = load_activations(path)
@@ -149,7 +191,7 @@ def load_or_collect(
             pass
         print(f"offramp: {path} was collected with other settings; collecting again", file=sys.stderr)
     torch.manual_seed(seed)
-    train = collect(engine, prompts["train"], depths, max_tokens, progress)
+    train = collect(engine, prompts["train"], depths, max_tokens, progress, samples=samples, seed=seed)
     held = collect(engine, prompts["held"], depths, max_tokens, progress, prompts["held_categories"])
     torch.save({"key": key, "train": _to_dict(train), "held": _to_dict(held)}, path)
     return key, train, held, False

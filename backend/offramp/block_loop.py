@@ -13,6 +13,7 @@ layers' K/V is filled per ``kv_fill``:
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,85 +117,103 @@ class BlockLoop:
         return result
 
     def _run_with_exits(self, items, slices, token_ids) -> LoopResult:
-        rows = list(torch.split(self._embed(token_ids), [s.num_new for s in slices]))  # per item [k, hidden]
-        redo: list[tuple[int, ...]] = [() for _ in items]  # positions re-entered so far, per item
+        """The walk with exits. The rows of the items still running stay one contiguous tensor
+        (items in ``active`` order, ``sizes`` rows each); it is re-gathered only when items leave or
+        kept tokens join, and so is the attention metadata."""
+        choices = [self.policy_of(it) for it in items]  # fixed for the step
         kept = {i: list(self.pending.get(it.seq.seq_id, [])) for i, it in enumerate(items)}
-        active = list(range(len(items)))
-        result = LoopResult()
-        meta_key, meta = None, None
+        redo: list[tuple[int, ...]] = [() for _ in items]  # positions re-entered so far, per item
+        active, sizes = list(range(len(items))), [s.num_new for s in slices]
+        hidden = self._embed(token_ids)  # [rows, hidden]
+        result, meta = LoopResult(), None
         for b, (start_layer, end) in enumerate(self.blocks.block_ranges):
-            for i in active:  # kept tokens re-enter at the block where they left
-                joins = [p for p in kept[i] if p.depth == start_layer]
-                if joins:
-                    kept[i] = [p for p in kept[i] if p.depth != start_layer]
-                    rows[i] = torch.cat((torch.stack([p.hidden for p in joins]), rows[i]))
-                    redo[i] = tuple(p.position for p in joins) + redo[i]
-                    self.stats.recomputed_rows += len(joins)
-            key = tuple((i, len(redo[i])) for i in active)
-            if key != meta_key:
-                meta_key = key
-                meta = self._meta(
-                    [SeqSlice(s.start, s.num_new, s.page_table, redo[i]) for i, s in ((i, slices[i]) for i in active)]
-                )
-            sizes = [rows[i].shape[0] for i in active]
-            hidden = torch.cat([rows[i] for i in active]) if len(active) > 1 else rows[active[0]]
+            if any(p.depth == start_layer for i in active for p in kept[i]):
+                hidden, sizes = self._join(items, active, sizes, hidden, kept, redo, start_layer)
+                meta = None
+            if meta is None:
+                meta = self._meta([SeqSlice(*self._slice_fields(slices[i]), redo[i]) for i in active])
             t0 = time.perf_counter()
-            out = self.blocks.run_block(b, hidden, meta)
+            before, hidden = hidden, self.blocks.run_block(b, hidden, meta)
             self.stats.block_s += time.perf_counter() - t0
-            before = dict(zip(active, torch.split(hidden, sizes)))
-            for i, r in zip(active, torch.split(out, sizes)):
-                rows[i] = r
-            if end in self.exit_depths:
-                leavers = self._check(items, active, rows, before, end, result)
-                if leavers:
-                    self._fill(items, leavers, rows, redo, meta, active, sizes, kept, end)
-                    active = [i for i in active if i not in leavers]
-                    if not active:
-                        break
-        for i in active:
+            if end not in self.exit_depths:
+                continue
+            ends = list(itertools.accumulate(sizes))  # one past each active item's rows
+            leavers = self._check(items, choices, active, ends, hidden, before, end, result)
+            if not leavers:
+                continue
+            self._fill(items, leavers, active, ends, sizes, hidden, redo, meta, kept, end)
+            stay = [k for k, i in enumerate(active) if i not in leavers]
+            rows = [r for k in stay for r in range(ends[k] - sizes[k], ends[k])]
+            hidden = hidden.index_select(0, torch.tensor(rows, dtype=torch.long))
+            active, sizes, meta = [active[k] for k in stay], [sizes[k] for k in stay], None
+            if not active:
+                break
+        for i, row_end in zip(active, itertools.accumulate(sizes)):
             if items[i].samples:
-                result.final_rows[i] = rows[i][-1]
+                result.final_rows[i] = hidden[row_end - 1]
             self.release(items[i].seq.seq_id) if not kept[i] else self._keep(items[i], kept[i])
         return result
 
-    def _check(self, items, active, rows, before, depth, result: LoopResult) -> set[int]:
+    @staticmethod
+    def _slice_fields(s: SeqSlice) -> tuple[int, int, list[int]]:
+        return s.start, s.num_new, s.page_table
+
+    def _join(self, items, active, sizes, hidden, kept, redo, depth):
+        """Kept tokens whose K/V stops at ``depth`` re-enter before their item's rows (recompute)."""
+        rows = list(torch.split(hidden, sizes))
+        for k, i in enumerate(active):
+            joins = [p for p in kept[i] if p.depth == depth]
+            if joins:
+                kept[i] = [p for p in kept[i] if p.depth != depth]
+                rows[k] = torch.cat((torch.stack([p.hidden for p in joins]), rows[k]))
+                redo[i] = tuple(p.position for p in joins) + redo[i]
+                self.stats.recomputed_rows += len(joins)
+        return torch.cat(rows), [r.shape[0] for r in rows]
+
+    def _check(self, items, choices, active, ends, hidden, before, depth, result: LoopResult) -> set[int]:
         """Ask each candidate's policy about its newest token; record leavers in ``result``."""
-        groups: dict[int, tuple[ExitPolicy, list[int], list[float]]] = {}
-        for i in active:
-            choice = self.policy_of(items[i])
-            if choice is not None:
-                policy, threshold = choice
-                group = groups.setdefault(id(policy), (policy, [], []))
+        groups: dict[int, tuple[ExitPolicy, list[int], list[int], list[float]]] = {}
+        for k, i in enumerate(active):
+            if choices[i] is not None:
+                policy, threshold = choices[i]
+                group = groups.setdefault(id(policy), (policy, [], [], []))
                 group[1].append(i)
-                group[2].append(threshold)
+                group[2].append(ends[k] - 1)
+                group[3].append(threshold)
+        if not groups:
+            return set()
         t0 = time.perf_counter()
         leavers: set[int] = set()
-        for policy, members, thresholds in groups.values():
-            hidden = torch.stack([rows[i][-1] for i in members])  # [m, hidden]
-            prior = torch.stack([before[i][-1] for i in members])
-            check = ExitCheck(hidden, prior, depth, torch.tensor(thresholds, dtype=torch.float32), self.head)
+        for policy, members, last_rows, thresholds in groups.values():
+            idx = torch.tensor(last_rows, dtype=torch.long)
+            newest = hidden.index_select(0, idx)  # [m, hidden]
+            check = ExitCheck(
+                newest, before.index_select(0, idx), depth, torch.tensor(thresholds, dtype=torch.float32), self.head
+            )
             decision = policy.decide(check)
             for j in decision.leave.nonzero().flatten().tolist():
                 i = members[j]
-                result.exited[i] = (depth, hidden[j], decision.row_logits(j))
+                result.exited[i] = (depth, newest[j], decision.row_logits(j))
                 leavers.add(i)
         self.stats.check_s += time.perf_counter() - t0
         return leavers
 
-    def _fill(self, items, leavers, rows, redo, meta, active, sizes, kept, depth) -> None:
+    def _fill(self, items, leavers, active, ends, sizes, hidden, redo, meta, kept, depth) -> None:
         """K/V of the layers the leavers skip: propagate now, or keep their rows for recompute."""
         t0 = time.perf_counter()
         if self.kv_fill == "propagate":
-            offsets = dict(zip(active, torch.cumsum(torch.tensor([0] + sizes[:-1]), 0).tolist()))
-            idx = torch.tensor([offsets[i] + sizes[active.index(i)] - 1 for i in sorted(leavers)])
-            hidden = torch.stack([rows[i][-1] for i in sorted(leavers)])
-            self.blocks.propagate_kv(hidden, meta.cos[idx], meta.sin[idx], meta.slot_mapping[idx], depth)
+            idx = torch.tensor([ends[k] - 1 for k, i in enumerate(active) if i in leavers], dtype=torch.long)
+            self.blocks.propagate_kv(
+                hidden.index_select(0, idx), meta.cos[idx], meta.sin[idx], meta.slot_mapping[idx], depth
+            )
         else:
-            for i in leavers:
-                positions = redo[i] + tuple(
-                    range(items[i].seq.num_computed_tokens, items[i].seq.num_computed_tokens + items[i].num_new_tokens)
-                )
-                self._keep(items[i], kept[i] + [Pending(p, depth, h) for p, h in zip(positions, rows[i])])
+            for k, i in enumerate(active):
+                if i not in leavers:
+                    continue
+                start = items[i].seq.num_computed_tokens
+                positions = redo[i] + tuple(range(start, start + items[i].num_new_tokens))
+                rows = hidden[ends[k] - sizes[k] : ends[k]]
+                self._keep(items[i], kept[i] + [Pending(p, depth, h) for p, h in zip(positions, rows)])
         self.stats.fill_s += time.perf_counter() - t0
 
     def _keep(self, item: ScheduledSeq, pending: list[Pending]) -> None:

@@ -36,7 +36,7 @@ from offramp.activations import (
 )
 from offramp.engine import LLMEngine
 from offramp.exits import ExitHead, IdentityHead, LowRankHead
-from offramp.modeling import ModelWeights, final_logits
+from offramp.modeling import ModelWeights, final_logits, rms_norm
 from offramp.serving_config import SERVER_KEYS, ServingConfig, load_serving_config
 
 HEADS = ("identity", "one_jump", "per_level")
@@ -59,8 +59,11 @@ class TrainConfig:
     seed: int = 0
     classifier_steps: int = 300
     classifier_lr: float = 1e-2
+    head_precision: str = "bfloat16"  # the LM head inside shortcut training: bfloat16 | float32
 
     def __post_init__(self) -> None:
+        if self.head_precision not in ("bfloat16", "float32"):
+            raise ValueError(f"head_precision: {self.head_precision!r} is not one of bfloat16, float32")
         for name in ("rank", "steps", "batch_size", "classifier_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -86,19 +89,37 @@ class CalibrationReport:
 
 
 def _logits(weights: ModelWeights, h: torch.Tensor) -> torch.Tensor:
-    return final_logits(weights, h.to(weights.embed.dtype)).float()  # [n, vocab]
+    return final_logits(weights, h.to(weights.embed.dtype)).float()
 
 
-TEACHER_CACHE_ELEMENTS = 2**28  # 1 GiB of float32: beyond it the teacher is recomputed per step
+TEACHER_CACHE_ELEMENTS = 2**31  # 4 GiB of bfloat16: beyond it the teacher is recomputed per step
 
 
 @torch.no_grad()
 def teacher_probs(weights: ModelWeights, final: torch.Tensor) -> torch.Tensor | None:
-    """The full model's next-token distribution [n, vocab] for every training row, computed once
-    and shared by every shortcut; None when it would not fit ``TEACHER_CACHE_ELEMENTS``."""
+    """The full model's next-token distribution [n, vocab] (computed in float32, kept in bfloat16)
+    for every training row, computed once and shared by every shortcut; None when it would not fit
+    ``TEACHER_CACHE_ELEMENTS``."""
     if final.shape[0] * weights.shape.vocab_size > TEACHER_CACHE_ELEMENTS:
         return None
-    return torch.cat([_logits(weights, rows).softmax(-1) for rows in torch.split(final, 512)])
+    return torch.cat([_logits(weights, rows).softmax(-1).bfloat16() for rows in torch.split(final, 512)])
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``logits`` [n, vocab] against a distribution ``target`` [n, vocab]:
+    ``F.cross_entropy`` with probabilities, with one log-softmax kept for the backward pass
+    (half its time on a vocabulary of 49k)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = logits.log_softmax(-1)  # [n, vocab]
+        ctx.save_for_backward(logp, target)
+        return -torch.einsum("nv,nv->", target, logp) / logits.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logp, target = ctx.saved_tensors
+        return logp.exp_().sub_(target).mul_(grad / logp.shape[0]), None
 
 
 def train_shortcut(
@@ -112,22 +133,27 @@ def train_shortcut(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(down [rank, hidden], up [hidden, rank]) minimising KL(full model || head(h + up(down(h)))),
     as cross-entropy against the full model's distribution (same gradient; the teacher's entropy is a
-    constant). ``teacher``: ``teacher_probs`` of ``final`` when cached."""
+    constant). ``teacher``: ``teacher_probs`` of ``final`` when cached. The student's LM head runs
+    in ``cfg.head_precision`` (bfloat16 halves a step; the served head runs in the model's dtype)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     hidden = source.shape[1]
     down = (torch.randn(cfg.rank, hidden, generator=gen) / hidden**0.5).requires_grad_()
     up = torch.zeros(hidden, cfg.rank, requires_grad=True)  # starts as the identity head
     opt = torch.optim.Adam([down, up], lr=cfg.lr)
+    head_dtype = getattr(torch, cfg.head_precision)
+    lm_head = weights.lm_head.to(head_dtype)  # [vocab, hidden], cast once
+    norm, eps = weights.final_norm.float(), weights.shape.rms_norm_eps
     n = source.shape[0]
     for _ in tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False):
         idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-        h = source[idx]
+        h = source[idx].float()  # [b, hidden]
         if teacher is not None:
-            target = teacher[idx]  # [b, vocab]
+            target = teacher[idx].float()  # [b, vocab]
         else:
             with torch.no_grad():
                 target = _logits(weights, final[idx]).softmax(-1)  # [b, vocab]
-        loss = F.cross_entropy(_logits(weights, h + (h @ down.T) @ up.T), target)
+        x = rms_norm(h + (h @ down.T) @ up.T, norm, eps)  # [b, hidden]
+        loss = _SoftCrossEntropy.apply(F.linear(x.to(head_dtype), lm_head).float(), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -188,7 +214,7 @@ def _shortcuts(run: _Run, train: Activations, depths: tuple[int, ...], one_jump_
     """Train (or reuse) and write the one-jump and per-level shortcuts; returns their settings."""
     w, cfg = run.engine.weights, run.cfg
     common = {"activations": run.key, "rank": cfg.rank, "steps": cfg.steps, "batch_size": cfg.batch_size}
-    common |= {"lr": cfg.lr, "seed": cfg.seed}
+    common |= {"lr": cfg.lr, "seed": cfg.seed, "head_precision": cfg.head_precision}
     settings = {
         "one_jump": {**common, "kind": "one_jump", "depth": one_jump_depth},
         "per_level": {**common, "kind": "per_level", "depths": list(depths)},
@@ -214,23 +240,35 @@ def load_head(weights: ModelWeights, name: str, out_dir: Path) -> ExitHead:
     return IdentityHead(weights) if name == "identity" else LowRankHead(weights, out_dir / FILES[name])
 
 
+CLASSIFIER_ROWS = 8192  # training rows per exit classifier (labels cost a full-vocabulary head per row and depth)
+
+
+def _classifier_rows(num_tokens: int, seed: int) -> torch.Tensor:
+    """A seeded subset of at most ``CLASSIFIER_ROWS`` training rows (all of them when fewer)."""
+    if num_tokens <= CLASSIFIER_ROWS:
+        return torch.arange(num_tokens)
+    return torch.randperm(num_tokens, generator=torch.Generator().manual_seed(seed))[:CLASSIFIER_ROWS].sort().values
+
+
 def _classifier(run: _Run, train: Activations, exit_depths: list[int], head_name: str, head_settings) -> None:
     """Train (or reuse) and write ``classifier.safetensors`` predicting the correctness of ``head_name``."""
     cfg = run.cfg
     settings = {"activations": run.key, "head": head_name, "head_settings": head_settings, "depths": exit_depths}
     settings |= {"steps": cfg.classifier_steps, "lr": cfg.classifier_lr, "batch_size": cfg.batch_size}
-    settings |= {"seed": cfg.seed}
+    settings |= {"seed": cfg.seed, "rows": CLASSIFIER_ROWS}
     path = run.out_dir / FILES["classifier"]
     if _is_current(path, settings, run.force):
         run.reused.append(FILES["classifier"])
         return
     w = run.engine.weights
     head = load_head(w, head_name, run.out_dir)
-    outputs = ev.head_outputs(w, head, train, exit_depths, run.progress, "classifier labels")
-    correct = outputs.tokens == ev.full_tokens(w, train.final)  # [D, n]
+    rows = _classifier_rows(train.num_tokens, cfg.seed)
+    sub = dataclasses.replace(train, at_depth={d: train.at_depth[d][rows] for d in exit_depths})
+    outputs = ev.head_outputs(w, head, sub, exit_depths, run.progress, "classifier labels")
+    correct = outputs.tokens == ev.full_tokens(w, train.final[rows])  # [D, n]
     tensors = {}
     for i, d in enumerate(exit_depths):
-        tensors[f"weight.{d}"], tensors[f"bias.{d}"] = train_classifier(train.at_depth[d], correct[i], cfg)
+        tensors[f"weight.{d}"], tensors[f"bias.{d}"] = train_classifier(sub.at_depth[d], correct[i], cfg)
     _save(path, tensors, settings)
 
 
@@ -244,6 +282,8 @@ def engine_json(engine: LLMEngine, chosen: dict, head_path: Path | None, classif
     raw["exit_head"] = str(head_path.resolve()) if head_path is not None else None
     if chosen["threshold"] is not None:
         raw["exit_threshold"] = chosen["threshold"]
+    if chosen.get("min_exit_layer") is not None:  # exit depths from there on only
+        raw["min_exit_layer"] = max(chosen["min_exit_layer"], raw["min_exit_layer"])
     raw = {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items() if v is not None}
     server = {f.name: f.default for f in dataclasses.fields(ServingConfig) if f.name in SERVER_KEYS}
     return raw | server
@@ -263,6 +303,7 @@ def calibrate(
     targets: tuple[float, ...] = (0.95,),
     serve_head: str = "one_jump",
     force: bool = False,
+    samples: int = 0,
 ) -> CalibrationReport:
     """Collect (or reuse) activations, train shortcuts and classifiers, measure agreement, pick
     thresholds; write the heads, ``calibration.json`` and ``engine.calibrated.json``."""
@@ -276,13 +317,15 @@ def calibrate(
         raise ValueError(f"serve_head: {serve_head!r} is not one of {', '.join(HEADS)}")
     if not targets or any(not 0 < t <= 1 for t in targets):
         raise ValueError(f"target_agreement: each must be in (0, 1], got {list(targets)}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"samples_per_prompt: must be a non-negative integer, got {samples!r}")
     if eval_categories is not None and len(eval_categories) != len(eval_prompts):
         raise ValueError("eval_categories: needs one category per held-out prompt")
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = {"train": list(train_prompts), "held": list(eval_prompts)}
     prompts["held_categories"] = list(eval_categories) if eval_categories else ["all"] * len(eval_prompts)
     key, train, held, cached = load_or_collect(
-        engine, prompts, depths, max_tokens, cfg.seed, out_dir / FILES["activations"], progress
+        engine, prompts, depths, max_tokens, cfg.seed, out_dir / FILES["activations"], progress, samples
     )
     report = CalibrationReport(list(depths), train.num_tokens, held.num_tokens, one_jump_depth, cfg.rank)
     report.exit_depths, report.reused = exit_depths, [FILES["activations"]] if cached else []

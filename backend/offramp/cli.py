@@ -47,7 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--batch-size", type=int, default=256)
     cal.add_argument("--lr", type=float, default=3e-3)
     cal.add_argument("--max-tokens", type=int, default=64, help="tokens generated per calibration prompt")
-    cal.add_argument("--prompts-file", default=None, help="JSONL with a 'prompt' field (default: bundled set)")
+    cal.add_argument(
+        "--prompts-file",
+        default=None,
+        help="JSONL with a 'prompt' field (default: bundled set); three in four train, every fourth is held out",
+    )
+    cal.add_argument(
+        "--train-prompts-file",
+        default=None,
+        help="JSONL of extra prompts used for training only (default: the bundled calibration set of 200; "
+        "'none' for no extra prompts)",
+    )
+    cal.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=0,
+        help="sampled answers (temperature 0.8, top-p 0.95, seeded) per training prompt besides the greedy one",
+    )
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument(
         "--target-agreement",

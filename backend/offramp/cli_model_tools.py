@@ -52,7 +52,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from offramp.activations import load_prompt_rows
+    from offramp.activations import load_calibration_rows, load_prompt_rows
     from offramp.calibrate import TrainConfig, calibrate, report_json
     from offramp.engine import LLMEngine
 
@@ -69,6 +69,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     train = [r["prompt"] for i, r in enumerate(rows) if i % 4 != 3]
     if not held or not train:
         raise ValueError("prompts-file: needs at least 4 prompts (one in four is held out)")
+    if args.train_prompts_file != "none":
+        train += [r["prompt"] for r in load_calibration_rows(args.train_prompts_file)]
     try:
         targets = tuple(float(t) for arg in args.target_agreement or ["0.95"] for t in arg.split(",") if t.strip())
     except ValueError:
@@ -87,6 +89,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         targets=targets,
         serve_head=args.classifier_head,
         force=args.force,
+        samples=args.samples_per_prompt,
     )
     summary = report_json(report)
     summary["thresholds"] = summary["thresholds"]["policies"]  # the sweeps are in calibration.json

@@ -199,18 +199,39 @@ def calibrate_thresholds(
     """Per policy and target: the chosen threshold (``pick_threshold``) and a sweep.
     ``outputs``: the serving head at the exit depths on the held-out activations."""
     scores = policy_scores(outputs, held, ClassifierExit(classifier, torch.float32))
-    result: dict = {"policies": {}, "sweep": {}}
+    result: dict = {"policies": {}, "sweep": {}, "from_depth": {}}
     for policy in POLICIES:
         runs = sweep(policy, scores[policy], outputs, full, costs)
         result["policies"][policy] = {str(t): pick_threshold(runs, t).row() for t in targets}
         picks = sorted({round(i * (len(runs) - 1) / 16) for i in range(17)})  # about 17 of the sweep
         result["sweep"][policy] = [runs[i].row() for i in picks]
+        result["from_depth"][policy] = {
+            str(t): best_from_depth(policy, scores[policy], outputs, full, costs, t) for t in targets
+        }
     return result
 
 
+def best_from_depth(
+    policy: str, score: torch.Tensor, outputs: HeadOutputs, full: torch.Tensor, costs: ExitCosts, target: float
+) -> dict:
+    """Exits from one depth on: for each first exit depth ``m`` (exit depths >= m only; fewer checks),
+    the threshold ``pick_threshold`` gives for ``target``; the ``m`` of best estimated speedup, with
+    ``min_exit_layer`` = m in its row."""
+    best = None
+    for j, m in enumerate(outputs.depths):
+        sub = HeadOutputs(outputs.depths[j:], outputs.tokens[j:], outputs.top1[j:])
+        row = pick_threshold(sweep(policy, score[j:], sub, full, costs), target).row() | {"min_exit_layer": m}
+        if best is None or (row["exit_rate"] > 0, row["est_speedup"]) > (best["exit_rate"] > 0, best["est_speedup"]):
+            best = row
+    return best
+
+
 def choose_policy(thresholds: dict, target: float) -> dict:
-    """The policy with the best estimated speedup at ``target``; 'none' when no policy with exits beats full depth."""
+    """The policy (and first exit depth) with the best estimated speedup at ``target``; 'none' when
+    no policy with exits beats full depth. Candidates: each policy over every exit depth, and from
+    the first exit depth that pays best (``best_from_depth``)."""
     rows = [p[str(target)] for p in thresholds["policies"].values()]
+    rows += [p[str(target)] for p in thresholds.get("from_depth", {}).values()]
     rows = [r for r in rows if r["exit_rate"] > 0 and r["est_speedup"] > 1]
     if not rows:
         return {"policy": "none", "threshold": None, "target": target, "reason": "no policy reaches the target faster"}

@@ -21,10 +21,15 @@ class ExitHead(ABC):
     """Turns the hidden state after ``layer`` layers into vocabulary logits."""
 
     name: str
+    weights: ModelWeights
 
-    @abstractmethod
+    def transform(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:  # [n, hidden] -> [n, hidden]
+        """The hidden state the model's final norm and LM head read in place of the last layer's
+        (so the rows of several depths, and full-depth rows, share one LM head call)."""
+        return hidden
+
     def logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:  # [n, hidden] -> [n, vocab] f32
-        ...
+        return final_logits(self.weights, self.transform(hidden, layer))
 
 
 class IdentityHead(ExitHead):
@@ -34,9 +39,6 @@ class IdentityHead(ExitHead):
 
     def __init__(self, weights: ModelWeights) -> None:
         self.weights = weights
-
-    def logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        return final_logits(self.weights, hidden)
 
 
 class LowRankHead(ExitHead):
@@ -70,11 +72,11 @@ class LowRankHead(ExitHead):
         if not self.shortcuts:
             raise ValueError(f"exit_head: {path} holds no 'down'/'up' shortcut tensors")
 
-    def logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    def transform(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
         pair = self.shortcuts.get(layer, self.shortcuts.get(None))
-        if pair is not None:
-            hidden = hidden + F.linear(F.linear(hidden, pair[0]), pair[1])  # [n, hidden]
-        return final_logits(self.weights, hidden)
+        if pair is None:
+            return hidden
+        return hidden + F.linear(F.linear(hidden, pair[0]), pair[1])  # [n, hidden]
 
 
 @dataclass(slots=True)

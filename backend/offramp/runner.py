@@ -100,23 +100,22 @@ class ModelRunner:
             token_ids.extend(item.seq.token_ids(start, start + item.num_new_tokens))
         result = self.loop.run(items, slices, token_ids)
         logits: dict[int, torch.Tensor] = {}
-        depths: dict[int, int] = {}
-        if result.final_rows:
-            owners = sorted(result.final_rows)
-            final = final_logits(self.weights, torch.stack([result.final_rows[i] for i in owners]))  # [k, vocab]
-            for i, row in zip(owners, final):
-                logits[i], depths[i] = row, self.num_layers
-        by_depth: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        for i, (depth, hidden, row) in result.exited.items():
+        depths: dict[int, int] = {i: self.num_layers for i in result.final_rows}
+        heads_in: dict[int, torch.Tensor] = dict(result.final_rows)  # rows the final LM head reads
+        by_depth: dict[int, list[int]] = {}
+        for i, (depth, _, row) in result.exited.items():
             depths[i] = depth
-            if row is not None:
+            if row is not None:  # the policy already computed this row's logits
                 logits[i] = row
-            else:  # one head call per depth for every leaver whose policy computed no logits
-                by_depth.setdefault(depth, []).append((i, hidden))
-        for depth, members in by_depth.items():
-            rows = self.head.logits(torch.stack([h for _, h in members]), depth)  # [m, vocab]
-            for (i, _), row in zip(members, rows):
-                logits[i] = row
+            else:
+                by_depth.setdefault(depth, []).append(i)
+        for depth, members in by_depth.items():  # each depth's shortcut on its leavers: [m, hidden]
+            moved = self.head.transform(torch.stack([result.exited[i][1] for i in members]), depth)
+            heads_in.update(zip(members, moved))
+        if heads_in:  # one LM head call for every row, whatever its depth
+            owners = sorted(heads_in)
+            final = final_logits(self.weights, torch.stack([heads_in[i] for i in owners]))  # [k, vocab]
+            logits.update(zip(owners, final))
         return self._sample(order, items, logits, depths, generators)
 
     def _sample(self, order, items, logits, depths, generators) -> RunnerOutput:
