@@ -65,6 +65,9 @@ def test_eval_writes_report_charts_and_markdown(calibration, capsys):
     assert summary["per_level_params"] == 3 * summary["one_jump_params"]
     assert summary["calibrated_threshold"] == cal["calibrated"]["threshold"]
     assert summary["calibrated_token_agreement"] >= cal["calibrated"]["target"] == 0.6
+    # the report simulates the calibrated config as served: from its first exit depth on
+    assert summary["calibrated_token_agreement"] == cal["calibrated"]["token_agreement"]
+    assert summary["calibrated_exit_rate"] == cal["calibrated"]["exit_rate"]
     assert summary["calibrated_speedup"] is None and report["measured"] is None
     assert set(report["agreement_by_category"]["identity"]) == set(CATEGORIES)
     assert {(r["head"], r["policy"]) for r in report["sweeps"]} >= {
@@ -82,7 +85,7 @@ def test_eval_writes_report_charts_and_markdown(calibration, capsys):
 def test_eval_measure_runs_the_calibrated_policy_against_full_depth(calibration, capsys):
     out = calibration / "measured"
     argv = ["eval", "--calibration", str(calibration / "cal"), "--output", str(out), "--measure"]
-    assert main([*argv, "--num-requests", "4", "--concurrency", "2", "--max-tokens", "6"]) == 0
+    assert main([*argv, "--num-requests", "4", "--concurrency", "2", "--max-tokens", "6", "--repeats", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
     measured, summary = report["measured"], report["summary"]
     assert measured["exit_policy"] == summary["calibrated_policy"] != "none"
@@ -91,6 +94,8 @@ def test_eval_measure_runs_the_calibrated_policy_against_full_depth(calibration,
         measured["tokens_per_s"] / measured["full_depth_tokens_per_s"], rel=1e-3
     )
     assert 0 <= summary["measured_sequence_match"] <= 1
+    assert len(measured["tokens_per_s_runs"]) == len(measured["full_depth_tokens_per_s_runs"]) == 2  # medians of
+    assert measured["num_output_tokens"] == 4 * 6  # every request runs to max_tokens on both sides
 
 
 def test_eval_errors_are_one_line(tmp_path, capsys):

@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ev.add_argument("--thresholds", action="append", default=[], help="POLICY=T1,T2,... (replaces that policy's grid)")
     ev.add_argument("--measure", action="store_true", help="also run offramp bench: calibrated policy vs full depth")
+    ev.add_argument("--repeats", type=int, default=3, help="measured pairs (calibrated, full depth); medians")
     ev.add_argument("--num-requests", type=int, default=32)
     ev.add_argument("--concurrency", type=int, default=16)
     ev.add_argument("--max-tokens", type=int, default=32)

@@ -121,6 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         num_requests=args.num_requests,
         concurrency=args.concurrency,
         max_tokens=args.max_tokens,
+        repeats=args.repeats,
     )
     overrides = {k: v for k, v in (("model", args.model), ("num_threads", args.num_threads)) if v is not None}
     engine = LLMEngine(load_serving_config(cal_dir / FILES["engine"], overrides).engine)

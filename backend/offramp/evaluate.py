@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ import torch
 from offramp.exit_sim import (
     DEFAULT_THRESHOLDS,
     POLICIES,
+    HeadOutputs,
     agreement_by_depth,
     auc,
     exit_costs,
@@ -57,9 +59,10 @@ class EvalConfig:
     num_requests: int = 32
     concurrency: int = 16
     max_tokens: int = 32
+    repeats: int = 3  # measured pairs (calibrated, full depth), alternating order
 
     def __post_init__(self) -> None:
-        for name in ("num_requests", "concurrency", "max_tokens"):
+        for name in ("num_requests", "concurrency", "max_tokens", "repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -102,7 +105,14 @@ def _head_report(weights, name, head, held, depths, exit_depths, full, classifie
         correct = exits.tokens == full  # [D, n]
         aucs = {str(d): auc(scores["classifier"][i], correct[i]) for i, d in enumerate(exit_depths)}
         result["classifier_auc"] = {d: None if a is None else round(a, 4) for d, a in aucs.items()}
-    return result, lambda policy, threshold: simulate(policy, scores[policy], exits, full, threshold, costs)
+
+    def simulator(policy: str, threshold: float, min_exit_layer: int | None = None):
+        """(policy, threshold) simulated with exits at the exit depths >= ``min_exit_layer`` only."""
+        j = next((k for k, d in enumerate(exit_depths) if d >= (min_exit_layer or 0)), len(exit_depths))
+        sub = HeadOutputs(exits.depths[j:], exits.tokens[j:], exits.top1[j:])
+        return simulate(policy, scores[policy][j:], sub, full, threshold, costs)
+
+    return result, simulator
 
 
 def evaluate(engine: LLMEngine, held: Activations, cfg: EvalConfig, progress: bool = True) -> dict:
@@ -150,7 +160,8 @@ def evaluate(engine: LLMEngine, held: Activations, cfg: EvalConfig, progress: bo
     calibrated = calibration.get("calibrated") or {}
     sim = None
     if calibrated.get("policy") not in (None, "none") and calibrated.get("exit_head") in per_head:
-        sim = simulators[calibrated["exit_head"]](calibrated["policy"], calibrated["threshold"]).row()
+        run = simulators[calibrated["exit_head"]]
+        sim = run(calibrated["policy"], calibrated["threshold"], calibrated.get("min_exit_layer")).row()
     report["calibrated_simulated"] = sim
     report["measured"] = measure(engine, held.prompts, cfg, progress) if cfg.measure else None
     report["summary"] = summary(report, calibration, calibrated, sim)
@@ -189,12 +200,26 @@ def summary(report: dict, calibration: dict, calibrated: dict, sim: dict | None)
 
 
 def measure(engine: LLMEngine, prompts: list[str], cfg: EvalConfig, progress: bool) -> dict:
-    """``offramp bench`` with the engine's (calibrated) policy, then full depth in the same process."""
-    from offramp.bench import bench
+    """``offramp bench`` with the engine's (calibrated) policy, then full depth, in the same process;
+    then ``cfg.repeats - 1`` more pairs in alternating order. Every run generates ``max_tokens`` per
+    request (``ignore_eos``), so both sides do the same number of tokens; tokens/s are medians over
+    the runs and ``speedup`` is their ratio (single runs on a shared 2-core machine vary by ~10%)."""
+    from offramp.bench import bench, run_engine
+    from offramp.sampling import SamplingParams
 
-    result = bench(engine, prompts, cfg.num_requests, cfg.concurrency, cfg.max_tokens, progress=progress)
-    full = result.get("full_depth_tokens_per_s")
-    result["speedup"] = round(result["tokens_per_s"] / full, 4) if full else None
+    result = bench(engine, prompts, cfg.num_requests, cfg.concurrency, cfg.max_tokens, progress, ignore_eos=True)
+    runs = {"exit": [result["tokens_per_s"]], "full": [result["full_depth_tokens_per_s"]]}
+    prompt_ids = [engine.encode(prompts[i % len(prompts)]) for i in range(cfg.num_requests)]
+    for r in range(1, cfg.repeats):
+        for side in ("full", "exit") if r % 2 else ("exit", "full"):
+            policy = "none" if side == "full" else None  # None: the engine's calibrated policy
+            params = SamplingParams(max_tokens=cfg.max_tokens, ignore_eos=True, exit_policy=policy)
+            metrics, _ = run_engine(engine, prompt_ids, cfg.concurrency, cfg.max_tokens, progress, params)
+            runs[side].append(metrics["tokens_per_s"])
+    result["tokens_per_s_runs"], result["full_depth_tokens_per_s_runs"] = runs["exit"], runs["full"]
+    result["tokens_per_s"] = round(statistics.median(runs["exit"]), 2)
+    result["full_depth_tokens_per_s"] = round(statistics.median(runs["full"]), 2)
+    result["speedup"] = round(result["tokens_per_s"] / result["full_depth_tokens_per_s"], 4)
     return result
 
 
