@@ -110,3 +110,15 @@ def test_bundled_prompts_cover_the_categories_in_both_splits():
     train = [r for i, r in enumerate(rows) if i % 4 != 3]
     for split in (held, train):
         assert set(CATEGORIES) <= {r["category"] for r in split}
+
+
+def test_measure_with_no_calibrated_exit_reports_no_speedup(calibration):
+    from offramp.engine import LLMEngine
+    from offramp.evaluate import EvalConfig, measure
+    from offramp.serving_config import load_serving_config
+
+    cal = calibration / "cal"
+    engine = LLMEngine(load_serving_config(cal / "engine.calibrated.json", {"exit_policy": "none"}).engine)
+    cfg = EvalConfig(cal, num_requests=2, concurrency=2, max_tokens=3, repeats=2)
+    result = measure(engine, ["w1 w2 w3", "w4 w5"], cfg, progress=False)
+    assert result["speedup"] is None and result["exit_policy"] == "none" and result["num_output_tokens"] == 6

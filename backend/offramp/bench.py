@@ -148,11 +148,12 @@ def quality_vs_full_depth(
     concurrency: int,
     max_tokens: int,
     progress: bool,
+    ignore_eos: bool = False,
 ) -> dict:
     """After the timed run: teacher-forced token agreement with the full model, and the share of
-    outputs identical to a full-depth greedy run of the same prompts."""
+    outputs identical to a full-depth greedy run of the same prompts (same ``ignore_eos``)."""
     agree = [ok for p, o in zip(prompt_ids, outputs) for ok in engine.teacher_forced_agreement(p, o)]
-    full = SamplingParams(max_tokens=max_tokens, exit_policy="none")
+    full = SamplingParams(max_tokens=max_tokens, exit_policy="none", ignore_eos=ignore_eos)
     metrics, full_outputs = run_engine(engine, prompt_ids, concurrency, max_tokens, progress, params=full)
     same = sum(a == b for a, b in zip(outputs, full_outputs))
     return {
@@ -204,7 +205,7 @@ def bench(
         **metrics,
     }
     if cfg.exit_policy != "none":
-        result.update(quality_vs_full_depth(engine, prompt_ids, outputs, concurrency, max_tokens, progress))
+        result.update(quality_vs_full_depth(engine, prompt_ids, outputs, concurrency, max_tokens, progress, ignore_eos))
     if compare_hf:
         hf_metrics, hf_outputs = run_hf(
             engine.checkpoint, engine.dtype, prompt_ids, concurrency, max_tokens, engine.eos_ids, progress

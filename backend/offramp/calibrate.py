@@ -92,7 +92,7 @@ def _logits(weights: ModelWeights, h: torch.Tensor) -> torch.Tensor:
     return final_logits(weights, h.to(weights.embed.dtype)).float()
 
 
-TEACHER_CACHE_ELEMENTS = 2**31  # 4 GiB of bfloat16: beyond it the teacher is recomputed per step
+TEACHER_CACHE_ELEMENTS = 2**30  # 2 GiB of bfloat16: beyond it the teacher is recomputed per step
 
 
 @torch.no_grad()
@@ -102,7 +102,10 @@ def teacher_probs(weights: ModelWeights, final: torch.Tensor) -> torch.Tensor | 
     ``TEACHER_CACHE_ELEMENTS``."""
     if final.shape[0] * weights.shape.vocab_size > TEACHER_CACHE_ELEMENTS:
         return None
-    return torch.cat([_logits(weights, rows).softmax(-1).bfloat16() for rows in torch.split(final, 512)])
+    probs = torch.empty(final.shape[0], weights.shape.vocab_size, dtype=torch.bfloat16)  # [n, vocab]
+    for start in range(0, final.shape[0], 512):
+        probs[start : start + 512] = _logits(weights, final[start : start + 512]).softmax(-1)
+    return probs
 
 
 class _SoftCrossEntropy(torch.autograd.Function):

@@ -207,7 +207,11 @@ def measure(engine: LLMEngine, prompts: list[str], cfg: EvalConfig, progress: bo
     from offramp.bench import bench, run_engine
     from offramp.sampling import SamplingParams
 
-    result = bench(engine, prompts, cfg.num_requests, cfg.concurrency, cfg.max_tokens, progress, ignore_eos=True)
+    n, conc = cfg.num_requests, cfg.concurrency
+    result = bench(engine, prompts, n, conc, cfg.max_tokens, progress=progress, ignore_eos=True)
+    if "full_depth_tokens_per_s" not in result:  # the calibrated policy is "none": nothing to compare
+        result["speedup"] = None
+        return result
     runs = {"exit": [result["tokens_per_s"]], "full": [result["full_depth_tokens_per_s"]]}
     prompt_ids = [engine.encode(prompts[i % len(prompts)]) for i in range(cfg.num_requests)]
     for r in range(1, cfg.repeats):
