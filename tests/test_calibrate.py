@@ -254,7 +254,7 @@ def test_best_from_depth_meets_the_target_and_serves(calibrated):
     costs = exit_costs(w, head)
     score = policy_scores(outputs, held, ClassifierExit(out / "classifier.safetensors", torch.float32))["classifier"]
     for target in (0.5, 0.8):
-        row = best_from_depth("classifier", score, outputs, full, costs, target)
+        row = best_from_depth("classifier", score, outputs, full, costs, (target,))[str(target)]
         assert row["token_agreement"] >= target and row["min_exit_layer"] in depths
         j = depths.index(row["min_exit_layer"])  # the row is the simulation with exits from there on only
         sub = HeadOutputs(depths[j:], outputs.tokens[j:], outputs.top1[j:])

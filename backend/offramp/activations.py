@@ -74,10 +74,8 @@ def collect(
 ) -> Activations:
     """Generate answers (greedy, plus ``samples`` sampled per prompt; full depth) and collect
     hidden states by teacher forcing."""
-    ids = [engine.encode(p) for p in prompts]
-    params = answer_params(len(prompts), max_tokens, samples, seed)
-    outs = engine.generate(ids * (1 + samples), params)
-    ids = ids * (1 + samples)
+    ids = [engine.encode(p) for p in prompts] * (1 + samples)  # the greedy answers, then each sample round
+    outs = engine.generate(ids, answer_params(len(prompts), max_tokens, samples, seed))
     starts = {end: start for start, end in engine.block_ranges if end in depths}  # depth -> its block's start
     capture = tuple(sorted(set(depths) | {s for s in starts.values() if s > 0}))
     at_depth: dict[int, list[torch.Tensor]] = {d: [] for d in depths}
@@ -107,14 +105,14 @@ def collect(
     )
 
 
-def load_prompt_rows(path: str | None = None) -> list[dict]:
+def load_prompt_rows(path: str | None = None, bundled: str = "prompts.jsonl") -> list[dict]:
     """``{"prompt", "category"}`` per line of a JSONL prompt file (the bundled set by default);
     a line without a category gets "uncategorized"."""
     from offramp.bench import load_prompts
 
-    prompts = load_prompts(path)  # validates every line
+    prompts = load_prompts(path, bundled)  # validates every line
     if path is None:
-        text = resources.files("offramp").joinpath("data/prompts.jsonl").read_text(encoding="utf-8")
+        text = resources.files("offramp").joinpath(f"data/{bundled}").read_text(encoding="utf-8")
     else:
         text = Path(path).read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -124,11 +122,7 @@ def load_prompt_rows(path: str | None = None) -> list[dict]:
 def load_calibration_rows(path: str | None = None) -> list[dict]:
     """Training-only prompts: a JSONL file like ``load_prompt_rows`` reads, or by default the bundled
     calibration set (200 prompts in the same five categories as the bundled prompts, none shared)."""
-    if path is not None:
-        return load_prompt_rows(path)
-    text = resources.files("offramp").joinpath("data/calibration_prompts.jsonl").read_text(encoding="utf-8")
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [{"prompt": str(r["prompt"]), "category": str(r.get("category", "uncategorized"))} for r in rows]
+    return load_prompt_rows(path, "calibration_prompts.jsonl")
 
 
 def _digest(value: object) -> str:

@@ -17,10 +17,10 @@ from offramp.sampling import SamplingParams
 from offramp.sequence import Sequence
 
 
-def load_prompts(path: str | None = None) -> list[str]:
-    """Prompts from a JSONL file (one object with a "prompt" field per line), or the bundled set."""
+def load_prompts(path: str | None = None, bundled: str = "prompts.jsonl") -> list[str]:
+    """Prompts from a JSONL file (one object with a "prompt" field per line), or a bundled set."""
     if path is None:
-        text = resources.files("offramp").joinpath("data/prompts.jsonl").read_text(encoding="utf-8")
+        text = resources.files("offramp").joinpath(f"data/{bundled}").read_text(encoding="utf-8")
     else:
         text = Path(path).read_text(encoding="utf-8")
     prompts = []
@@ -163,6 +163,11 @@ def quality_vs_full_depth(
     }
 
 
+def bench_prompt_ids(engine: LLMEngine, prompts: list[str], num_requests: int) -> list[list[int]]:
+    """The token ids of ``num_requests`` requests cycling through ``prompts``."""
+    return [engine.encode(prompts[i % len(prompts)]) for i in range(num_requests)]
+
+
 def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
     for i, t in enumerate(tokens):
         if t in eos_ids:
@@ -181,7 +186,7 @@ def bench(
     ignore_eos: bool = False,
 ) -> dict:
     """One JSON-able result line: the engine's figures, and HF's when asked, measured back to back."""
-    prompt_ids = [engine.encode(prompts[i % len(prompts)]) for i in range(num_requests)]
+    prompt_ids = bench_prompt_ids(engine, prompts, num_requests)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
     metrics, outputs = run_engine(engine, prompt_ids, concurrency, max_tokens, progress, params=params)
     cfg = engine.config

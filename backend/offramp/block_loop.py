@@ -13,6 +13,7 @@ layers' K/V is filled per ``kv_fill``:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
@@ -131,7 +132,7 @@ class BlockLoop:
                 hidden, sizes = self._join(items, active, sizes, hidden, kept, redo, start_layer)
                 meta = None
             if meta is None:
-                meta = self._meta([SeqSlice(*self._slice_fields(slices[i]), redo[i]) for i in active])
+                meta = self._meta([dataclasses.replace(slices[i], redo=redo[i]) for i in active])
             t0 = time.perf_counter()
             before, hidden = hidden, self.blocks.run_block(b, hidden, meta)
             self.stats.block_s += time.perf_counter() - t0
@@ -153,10 +154,6 @@ class BlockLoop:
                 result.final_rows[i] = hidden[row_end - 1]
             self.release(items[i].seq.seq_id) if not kept[i] else self._keep(items[i], kept[i])
         return result
-
-    @staticmethod
-    def _slice_fields(s: SeqSlice) -> tuple[int, int, list[int]]:
-        return s.start, s.num_new, s.page_table
 
     def _join(self, items, active, sizes, hidden, kept, redo, depth):
         """Kept tokens whose K/V stops at ``depth`` re-enter before their item's rows (recompute)."""

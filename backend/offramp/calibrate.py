@@ -89,7 +89,7 @@ class CalibrationReport:
 
 
 def _logits(weights: ModelWeights, h: torch.Tensor) -> torch.Tensor:
-    return final_logits(weights, h.to(weights.embed.dtype)).float()
+    return final_logits(weights, h.to(weights.embed.dtype)).float()  # [n, vocab]
 
 
 TEACHER_CACHE_ELEMENTS = 2**30  # 2 GiB of bfloat16: beyond it the teacher is recomputed per step
@@ -285,8 +285,8 @@ def engine_json(engine: LLMEngine, chosen: dict, head_path: Path | None, classif
     raw["exit_head"] = str(head_path.resolve()) if head_path is not None else None
     if chosen["threshold"] is not None:
         raw["exit_threshold"] = chosen["threshold"]
-    if chosen.get("min_exit_layer") is not None:  # exit depths from there on only
-        raw["min_exit_layer"] = max(chosen["min_exit_layer"], raw["min_exit_layer"])
+    if chosen.get("min_exit_layer") is not None:  # exit depths from there on only (one of the config's)
+        raw["min_exit_layer"] = chosen["min_exit_layer"]
     raw = {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items() if v is not None}
     server = {f.name: f.default for f in dataclasses.fields(ServingConfig) if f.name in SERVER_KEYS}
     return raw | server

@@ -30,7 +30,6 @@ import torch
 from offramp.exit_sim import (
     DEFAULT_THRESHOLDS,
     POLICIES,
-    HeadOutputs,
     agreement_by_depth,
     auc,
     exit_costs,
@@ -109,8 +108,7 @@ def _head_report(weights, name, head, held, depths, exit_depths, full, classifie
     def simulator(policy: str, threshold: float, min_exit_layer: int | None = None):
         """(policy, threshold) simulated with exits at the exit depths >= ``min_exit_layer`` only."""
         j = next((k for k, d in enumerate(exit_depths) if d >= (min_exit_layer or 0)), len(exit_depths))
-        sub = HeadOutputs(exits.depths[j:], exits.tokens[j:], exits.top1[j:])
-        return simulate(policy, scores[policy][j:], sub, full, threshold, costs)
+        return simulate(policy, scores[policy][j:], exits.at(exit_depths[j:]), full, threshold, costs)
 
     return result, simulator
 
@@ -204,16 +202,15 @@ def measure(engine: LLMEngine, prompts: list[str], cfg: EvalConfig, progress: bo
     then ``cfg.repeats - 1`` more pairs in alternating order. Every run generates ``max_tokens`` per
     request (``ignore_eos``), so both sides do the same number of tokens; tokens/s are medians over
     the runs and ``speedup`` is their ratio (single runs on a shared 2-core machine vary by ~10%)."""
-    from offramp.bench import bench, run_engine
+    from offramp.bench import bench, bench_prompt_ids, run_engine
     from offramp.sampling import SamplingParams
 
-    n, conc = cfg.num_requests, cfg.concurrency
-    result = bench(engine, prompts, n, conc, cfg.max_tokens, progress=progress, ignore_eos=True)
+    result = bench(engine, prompts, cfg.num_requests, cfg.concurrency, cfg.max_tokens, progress, ignore_eos=True)
     if "full_depth_tokens_per_s" not in result:  # the calibrated policy is "none": nothing to compare
         result["speedup"] = None
         return result
     runs = {"exit": [result["tokens_per_s"]], "full": [result["full_depth_tokens_per_s"]]}
-    prompt_ids = [engine.encode(prompts[i % len(prompts)]) for i in range(cfg.num_requests)]
+    prompt_ids = bench_prompt_ids(engine, prompts, cfg.num_requests)
     for r in range(1, cfg.repeats):
         for side in ("full", "exit") if r % 2 else ("exit", "full"):
             policy = "none" if side == "full" else None  # None: the engine's calibrated policy

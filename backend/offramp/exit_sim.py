@@ -205,24 +205,27 @@ def calibrate_thresholds(
         result["policies"][policy] = {str(t): pick_threshold(runs, t).row() for t in targets}
         picks = sorted({round(i * (len(runs) - 1) / 16) for i in range(17)})  # about 17 of the sweep
         result["sweep"][policy] = [runs[i].row() for i in picks]
-        result["from_depth"][policy] = {
-            str(t): best_from_depth(policy, scores[policy], outputs, full, costs, t) for t in targets
-        }
+        result["from_depth"][policy] = best_from_depth(policy, scores[policy], outputs, full, costs, targets)
     return result
 
 
 def best_from_depth(
-    policy: str, score: torch.Tensor, outputs: HeadOutputs, full: torch.Tensor, costs: ExitCosts, target: float
-) -> dict:
-    """Exits from one depth on: for each first exit depth ``m`` (exit depths >= m only; fewer checks),
-    the threshold ``pick_threshold`` gives for ``target``; the ``m`` of best estimated speedup, with
-    ``min_exit_layer`` = m in its row."""
-    best = None
+    policy: str, score: torch.Tensor, outputs: HeadOutputs, full: torch.Tensor, costs: ExitCosts, targets
+) -> dict[str, dict]:
+    """Exits from one depth on: for each first exit depth ``m`` (exit depths >= m only; fewer checks)
+    and each target, the threshold ``pick_threshold`` gives; per target, the row of the ``m`` of best
+    estimated speedup, with ``min_exit_layer`` = m."""
+    best: dict[str, dict] = {}
     for j, m in enumerate(outputs.depths):
-        sub = HeadOutputs(outputs.depths[j:], outputs.tokens[j:], outputs.top1[j:])
-        row = pick_threshold(sweep(policy, score[j:], sub, full, costs), target).row() | {"min_exit_layer": m}
-        if best is None or (row["exit_rate"] > 0, row["est_speedup"]) > (best["exit_rate"] > 0, best["est_speedup"]):
-            best = row
+        runs = sweep(policy, score[j:], outputs.at(outputs.depths[j:]), full, costs)  # one sweep for every target
+        for t in targets:
+            row = pick_threshold(runs, t).row() | {"min_exit_layer": m}
+            held = best.get(str(t))
+            if held is None or (row["exit_rate"] > 0, row["est_speedup"]) > (
+                held["exit_rate"] > 0,
+                held["est_speedup"],
+            ):
+                best[str(t)] = row
     return best
 
 
