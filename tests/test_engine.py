@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from offramp import EngineConfig, SamplingParams
-from offramp.engine import LLMEngine
-from offramp.kv_store import bytes_per_token_per_layer, pages_for_budget
+from offramp.engine.llm_engine import LLMEngine
+from offramp.model.kv_store import bytes_per_token_per_layer, pages_for_budget
 
 PROMPTS = [[3, 4, 5], [7, 8, 9, 10, 11, 12], [20] * 15]
 
@@ -107,8 +107,8 @@ def test_kv_store_is_the_size_the_config_says(tiny_models):
     ("kwargs", "field"),
     [
         ({"dtype": "float16"}, "dtype"),
-        ({"engine": "tensorrt-llm"}, "engine"),
-        ({"block_size": 0}, "block_size"),
+        ({"backend": "tensorrt-llm"}, "backend"),
+        ({"layers_per_block": 0}, "layers_per_block"),
         ({"page_size": -1}, "page_size"),
         ({"num_pages": 0}, "num_pages"),
         ({"max_num_seqs": True}, "max_num_seqs"),

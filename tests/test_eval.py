@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from offramp.activations import load_prompt_rows
-from offramp.cli import main
+from offramp.cli.main import main
+from offramp.tools.activations import load_prompt_rows
 
 CATEGORIES = ("factual", "classification", "longform", "code")
 SUMMARY_KEYS = {
@@ -31,7 +31,7 @@ def calibration(tiny_models, tmp_path_factory):
         for i in range(16)
     ]  # prompts 3, 7, 11, 15 are held out: one per category
     prompts.write_text("\n".join(json.dumps(r) for r in rows))
-    argv = ["calibrate", "--model", str(tiny_models["llama"]), "--block-size", "1", "--page-size", "4", "--raw"]
+    argv = ["calibrate", "--model", str(tiny_models["llama"]), "--layers-per-block", "1", "--page-size", "4", "--raw"]
     argv += [
         "--out",
         str(root / "cal"),
@@ -113,9 +113,9 @@ def test_bundled_prompts_cover_the_categories_in_both_splits():
 
 
 def test_measure_with_no_calibrated_exit_reports_no_speedup(calibration):
-    from offramp.engine import LLMEngine
-    from offramp.evaluate import EvalConfig, measure
-    from offramp.serving_config import load_serving_config
+    from offramp.engine.llm_engine import LLMEngine
+    from offramp.serving.serving_config import load_serving_config
+    from offramp.tools.evaluate import EvalConfig, measure
 
     cal = calibration / "cal"
     engine = LLMEngine(load_serving_config(cal / "engine.calibrated.json", {"exit_policy": "none"}).engine)

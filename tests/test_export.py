@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from offramp import EngineConfig, SamplingParams
-from offramp.attention import SeqSlice, build_metadata
-from offramp.engine import LLMEngine
-from offramp.manifest import ExportManifest
+from offramp.blocks.manifest import ExportManifest
+from offramp.engine.llm_engine import LLMEngine
+from offramp.model.attention import SeqSlice, build_metadata
 from offramp_export import export_model
 
 TOL = 1e-4  # float32: max abs error of an exported block against the PyTorch block
@@ -71,7 +71,7 @@ def test_reexport_reuses_and_changes_redo(tiny_models, tiny_export, tmp_path):
 def _engines(model, export_dir, **kw):
     common = dict(model=str(model), page_size=4, block_boundaries=(0, 2, 3), **kw)
     torch_engine = LLMEngine(EngineConfig(**common))
-    ort_engine = LLMEngine(EngineConfig(engine="onnxruntime", export_dir=str(export_dir), **common))
+    ort_engine = LLMEngine(EngineConfig(backend="onnxruntime", export_dir=str(export_dir), **common))
     return torch_engine, ort_engine
 
 
@@ -106,9 +106,9 @@ def test_every_block_matches_torch(tiny_models, tiny_export, inputs):
     else:
         hidden = torch.nn.functional.embedding(torch.randint(1, 121, (n,), generator=gen), t_eng.weights.embed)
     with torch.inference_mode():
-        for b in range(t_eng.blocks.num_blocks):
-            ref = t_eng.blocks.run_block(b, hidden.clone(), meta)
-            out = o_eng.blocks.run_block(b, hidden.clone(), meta)
+        for b in range(t_eng.backend.num_blocks):
+            ref = t_eng.backend.run_block(b, hidden.clone(), meta)
+            out = o_eng.backend.run_block(b, hidden.clone(), meta)
             assert (out - ref).abs().max().item() <= TOL, f"block {b}"
             start, end = t_eng.block_ranges[b]
             for layer in range(start, end):
@@ -121,7 +121,7 @@ def test_every_block_matches_torch(tiny_models, tiny_export, inputs):
 def test_embedding_and_head_graphs_match(tiny_models, tiny_export):
     import onnxruntime as ort
 
-    from offramp.ort_engine import session_options
+    from offramp.blocks.ort_backend import session_options
 
     t_eng, _ = _engines(tiny_models["llama"], tiny_export.directory)
     w = t_eng.weights
@@ -134,7 +134,7 @@ def test_embedding_and_head_graphs_match(tiny_models, tiny_export):
     head = ort.InferenceSession(str(tiny_export.directory / "final_head.onnx"), session_options()).run(
         None, {"hidden": hidden.numpy()}
     )[0]
-    from offramp.modeling import final_logits
+    from offramp.model.decoder import final_logits
 
     assert np.abs(head - final_logits(w, hidden).numpy()).max() <= TOL
 
@@ -165,15 +165,15 @@ def test_greedy_generation_matches_torch(tiny_models, tiny_export, exit_config):
 
 def test_exported_engine_config_errors(tiny_models, tiny_export):
     with pytest.raises(ValueError, match="dtype"):
-        EngineConfig(engine="onnxruntime", dtype="bfloat16")
+        EngineConfig(backend="onnxruntime", dtype="bfloat16")
     with pytest.raises(ValueError, match="block layout"):  # the export's layout is checked at load
-        from offramp.ort_engine import OrtBlockEngine
+        from offramp.blocks.ort_backend import OrtBackend
 
-        t_eng = LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4, block_size=1))
-        from offramp.kv_store import KVStore
+        t_eng = LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4, layers_per_block=1))
+        from offramp.model.kv_store import KVStore
 
         kv = KVStore(t_eng.weights.shape, 8, 4, torch.float32, head_major=True)
-        OrtBlockEngine(t_eng.weights, kv, t_eng.block_ranges, tiny_export.directory)
+        OrtBackend(t_eng.weights, kv, t_eng.block_ranges, tiny_export.directory)
     with pytest.raises(ValueError, match="offramp export"):
         ExportManifest.load(tiny_export.directory / "tokenizer")
 
@@ -183,7 +183,7 @@ def default_engines(default_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("export-default")
     common = dict(model="default", num_threads=2)
     torch_engine = LLMEngine(EngineConfig(**common))
-    ort_engine = LLMEngine(EngineConfig(engine="onnxruntime", export_dir=str(out), **common))
+    ort_engine = LLMEngine(EngineConfig(backend="onnxruntime", export_dir=str(out), **common))
     return torch_engine, ort_engine
 
 
@@ -198,9 +198,9 @@ def test_default_model_blocks_match_on_real_activations(default_engines, bundled
     hidden = torch.nn.functional.embedding(torch.tensor(ids), t_eng.weights.embed)
     worst = 0.0
     with torch.inference_mode():
-        for b in range(t_eng.blocks.num_blocks):
-            ref = t_eng.blocks.run_block(b, hidden.clone(), meta)
-            out = o_eng.blocks.run_block(b, hidden.clone(), meta)
+        for b in range(t_eng.backend.num_blocks):
+            ref = t_eng.backend.run_block(b, hidden.clone(), meta)
+            out = o_eng.backend.run_block(b, hidden.clone(), meta)
             worst = max(worst, (out - ref).abs().max().item() / max(1.0, ref.abs().max().item()))
             hidden = ref
     assert worst <= TOL, f"largest block error relative to the activations' scale: {worst:.2e}"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from offramp.model_loader import ModelLoadError, default_gguf, load_weights, resolve_model
+from offramp.model.loader import ModelLoadError, default_gguf, load_weights, resolve_model
 
 
 def test_missing_model(tmp_path):

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from offramp.page_manager import PageManager
+from offramp.engine.page_manager import PageManager
 
 NUM_PAGES = 64
 PAGE_SIZE = 4

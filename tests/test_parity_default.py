@@ -7,7 +7,7 @@ import torch
 
 from conftest import divergence_report, hf_greedy
 from offramp import EngineConfig, SamplingParams
-from offramp.engine import LLMEngine
+from offramp.engine.llm_engine import LLMEngine
 
 pytestmark = pytest.mark.default_model
 MAX_NEW = 64

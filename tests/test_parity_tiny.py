@@ -9,7 +9,7 @@ import torch
 
 from conftest import divergence_report, hf_greedy
 from offramp import EngineConfig, SamplingParams
-from offramp.engine import LLMEngine
+from offramp.engine.llm_engine import LLMEngine
 
 MAX_NEW = 24
 
@@ -42,7 +42,7 @@ def _check(engine: LLMEngine, hf, refs: list[list[int]]) -> None:
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
 def test_batched_greedy_matches_hf(tiny_models, references, model_type):
-    engine = LLMEngine(EngineConfig(model=str(tiny_models[model_type]), page_size=4, block_size=2))
+    engine = LLMEngine(EngineConfig(model=str(tiny_models[model_type]), page_size=4, layers_per_block=2))
     _check(engine, *references[model_type])
 
 
@@ -58,10 +58,10 @@ def test_chunked_prefill_keeps_output(tiny_models, references):
     _check(engine, *references["qwen2"])
 
 
-@pytest.mark.parametrize("layout", [{"block_size": 1}, {"block_size": 3}, {"block_boundaries": (0, 1, 3)}])
+@pytest.mark.parametrize("layout", [{"layers_per_block": 1}, {"layers_per_block": 3}, {"block_boundaries": (0, 1, 3)}])
 def test_block_layout_does_not_change_output(tiny_models, references, layout):
     engine = LLMEngine(EngineConfig(model=str(tiny_models["mistral"]), page_size=8, **layout))
-    assert len(engine.blocks.block_ranges) == {1: 4, 3: 2}.get(layout.get("block_size"), 3)
+    assert len(engine.backend.block_ranges) == {1: 4, 3: 2}.get(layout.get("layers_per_block"), 3)
     _check(engine, *references["mistral"])
 
 

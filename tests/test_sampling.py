@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from offramp.sampling import Sampler, SamplingParams
+from offramp.engine.sampling import Sampler, SamplingParams
 
 # -- SamplingParams -----------------------------------------------------------------------------
 

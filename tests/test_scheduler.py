@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from offramp.page_manager import PageManager
-from offramp.sampling import SamplingParams
-from offramp.scheduler import Scheduler, SchedulerOutput
-from offramp.sequence import FinishReason, SeqStatus, Sequence
-from offramp.sessions import SessionTable, session_owner
+from offramp.engine.kv_sessions import KVSessionTable, session_owner
+from offramp.engine.page_manager import PageManager
+from offramp.engine.sampling import SamplingParams
+from offramp.engine.scheduler import Scheduler, SchedulerOutput
+from offramp.engine.sequence import FinishReason, SeqStatus, Sequence
 
 
 def next_token(tokens: list[int]) -> int:
@@ -58,7 +58,7 @@ class FakeEngine:
         **kwargs,
     ) -> None:
         self.pages = PageManager(num_pages, page_size)
-        self.sessions = SessionTable(self.pages, max_sessions=64, idle_timeout_s=600.0) if sessions else None
+        self.sessions = KVSessionTable(self.pages, max_sessions=64, idle_timeout_s=600.0) if sessions else None
         self.sched = Scheduler(self.pages, max_num_seqs, max_num_batched_tokens, self.sessions, **kwargs)
         self.kv: dict[int, list[int | None]] = {p: [None] * page_size for p in range(num_pages)}
         self.steps: list[Step] = []

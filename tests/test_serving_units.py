@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from offramp import EngineConfig
-from offramp.async_engine import AsyncEngine, RequestHandle
-from offramp.detokenizer import IncrementalDetokenizer
-from offramp.engine import LLMEngine
-from offramp.requests import GenerateRequest, RequestError, parse_request
-from offramp.sampling import SamplingParams
-from offramp.serving_config import load_serving_config
+from offramp.engine.llm_engine import LLMEngine
+from offramp.engine.sampling import SamplingParams
+from offramp.serving.async_engine import AsyncEngine, RequestHandle
+from offramp.serving.detokenizer import IncrementalDetokenizer
+from offramp.serving.requests import GenerateRequest, RequestError, parse_request
+from offramp.serving.serving_config import load_serving_config
 
 
 def _parse(text=b"hello", params=None, stream=None, exclude=None):
@@ -106,9 +106,11 @@ def test_detokenizer_holds_back_a_stop_string():
 
 def test_engine_json(tmp_path):
     path = tmp_path / "engine.json"
-    path.write_text(json.dumps({"model": "default", "block_size": 3, "exit_points": [9, 18], "max_queued_requests": 5}))
+    path.write_text(
+        json.dumps({"model": "default", "layers_per_block": 3, "exit_points": [9, 18], "max_queued_requests": 5})
+    )
     cfg = load_serving_config(path, {"exit_policy": "softmax"})
-    assert cfg.engine.block_size == 3 and cfg.engine.exit_points == (9, 18) and cfg.max_queued_requests == 5
+    assert cfg.engine.layers_per_block == 3 and cfg.engine.exit_points == (9, 18) and cfg.max_queued_requests == 5
     assert cfg.engine.exit_policy == "softmax"
     path.write_text(json.dumps({"blocksize": 3}))
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['blocksize'\]"):

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from offramp import EngineConfig, SamplingParams
-from offramp.async_engine import AsyncEngine, RequestHandle
-from offramp.engine import LLMEngine
-from offramp.requests import GenerateRequest
+from offramp.engine.llm_engine import LLMEngine
+from offramp.serving.async_engine import AsyncEngine, RequestHandle
+from offramp.serving.requests import GenerateRequest
 
 GREEDY = SamplingParams(max_tokens=6)
 BASELINE_FIELDS = ("num_sessions", "num_idle_sessions", "num_session_pages", "num_shared_pages", "num_registered_pages")
@@ -165,7 +165,7 @@ def test_an_aborted_turn_keeps_its_computed_pages(tiny_models):
 
 @pytest.mark.parametrize("kv_fill", ["recompute", "propagate"])
 def test_session_keeps_exact_kv_under_recompute_and_the_approximation_under_propagate(tiny_models, kv_fill):
-    engine = _engine(tiny_models, block_size=1, min_exit_layer=2, kv_fill=kv_fill)
+    engine = _engine(tiny_models, layers_per_block=1, min_exit_layer=2, kv_fill=kv_fill)
     forced = SamplingParams(max_tokens=5, exit_policy="similarity", exit_threshold=-1.0)  # every decode leaves at 2
     prompt = [3, 4, 5, 6, 7, 8]
     first = _run(engine, "t1", prompt, forced, session_id="s")
@@ -179,7 +179,7 @@ def test_session_keeps_exact_kv_under_recompute_and_the_approximation_under_prop
     second = _run(engine, "t2", second_prompt, forced, session_id="s")
     assert second.num_cached_tokens == len(held) and not engine.runner.loop.pending
     if kv_fill == "recompute":  # exact reused K/V: the turn equals a stateless request
-        fresh = _engine(tiny_models, block_size=1, min_exit_layer=2, kv_fill=kv_fill)
+        fresh = _engine(tiny_models, layers_per_block=1, min_exit_layer=2, kv_fill=kv_fill)
         assert _run(fresh, "t2", second_prompt, forced).output_token_ids == second.output_token_ids
 
 

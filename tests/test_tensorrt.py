@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from offramp import EngineConfig, SamplingParams
-from offramp.engine import LLMEngine
-from offramp.manifest import ExportManifest
+from offramp.blocks.manifest import ExportManifest
+from offramp.engine.llm_engine import LLMEngine
 from offramp_export import export_model
 from offramp_export.tensorrt_build import (
     ProfileLimits,
@@ -63,8 +63,8 @@ def test_without_tensorrt_the_path_is_skipped_with_one_message(exported, tiny_mo
     assert "tensorrt" in str(info.value).lower() or "gpu" in str(info.value).lower()
     with pytest.raises(TensorRTUnavailable):
         build_engines(exported.directory)
-    with pytest.raises(ValueError, match="engine tensorrt: .*use engine onnxruntime or torch"):
-        LLMEngine(EngineConfig(model=str(tiny_models["llama"]), engine="tensorrt", page_size=4))
+    with pytest.raises(ValueError, match="backend tensorrt: .*use backend onnxruntime or torch"):
+        LLMEngine(EngineConfig(model=str(tiny_models["llama"]), backend="tensorrt", page_size=4))
 
 
 @pytest.mark.gpu
@@ -73,9 +73,9 @@ def test_without_tensorrt_the_path_is_skipped_with_one_message(exported, tiny_mo
 def test_tensorrt_generation_matches_torch(tiny_models, tmp_path, precision):
     rng = random.Random(5)
     prompts = [[rng.randrange(1, 121) for _ in range(n)] for n in (4, 13, 29)]
-    common = dict(model=str(tiny_models["llama"]), page_size=4, block_size=2)
+    common = dict(model=str(tiny_models["llama"]), page_size=4, layers_per_block=2)
     ref = LLMEngine(EngineConfig(**common)).generate(prompts, SamplingParams(max_tokens=16))
-    engine = LLMEngine(EngineConfig(engine="tensorrt", export_dir=str(tmp_path), trt_precision=precision, **common))
+    engine = LLMEngine(EngineConfig(backend="tensorrt", export_dir=str(tmp_path), trt_precision=precision, **common))
     assert ExportManifest.load(tmp_path).block_ranges == [(0, 2), (2, 4)]
     out = engine.generate(prompts, SamplingParams(max_tokens=16))
     same = sum(o.token_ids == r.token_ids for o, r in zip(out, ref))

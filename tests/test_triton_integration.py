@@ -73,7 +73,7 @@ def _free_ports(n: int) -> list[int]:
 def serve(log: Path, model: Path, *extra: str):
     """Start ``offramp serve`` (tritonserver) on free ports, wait until ready, yield, stop it."""
     http, grpc, metrics = _free_ports(3)
-    cmd = [sys.executable, "-m", "offramp.cli", "serve", "--model", str(model)]
+    cmd = [sys.executable, "-m", "offramp.cli.main", "serve", "--model", str(model)]
     cmd += ["--model-repository", str(REPO / "model_repository"), "--http-port", str(http)]
     cmd += ["--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra]
     with log.open("w") as out:
@@ -101,7 +101,7 @@ def server(tmp_path_factory, default_checkpoint):
 
 @pytest.fixture(scope="module")
 def offline(default_checkpoint):
-    from offramp.engine import LLMEngine
+    from offramp.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=str(default_checkpoint)))
     return engine.generate([PROMPT], SamplingParams(max_tokens=32))[0]

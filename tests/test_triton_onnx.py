@@ -23,7 +23,7 @@ def onnx_server(tmp_path_factory, default_checkpoint):
 
 @pytest.fixture(scope="module")
 def torch_outputs(default_checkpoint):
-    from offramp.engine import LLMEngine
+    from offramp.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=str(default_checkpoint)))
     return {

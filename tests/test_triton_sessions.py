@@ -38,7 +38,7 @@ def server(tmp_path_factory, default_checkpoint):
 
 @pytest.fixture(scope="module")
 def tokenizer(default_checkpoint):
-    from offramp.model_loader import load_tokenizer
+    from offramp.model.loader import load_tokenizer
 
     return load_tokenizer(default_checkpoint)
 

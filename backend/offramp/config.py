@@ -1,13 +1,31 @@
-"""One validated configuration for the engine."""
+"""One validated configuration for the engine: the single source of every engine option.
+
+The ``offramp`` command-line flags, the ``offramp serve`` overrides and the keys of a served model's
+``engine.json`` are all derived from ``EngineConfig``'s fields (name, type, default, help).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field, fields
 
 DTYPES = ("float32", "bfloat16")
-ENGINES = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 EXIT_POLICIES = ("none", "softmax", "similarity", "classifier")
 KV_FILLS = ("propagate", "recompute")
+EXIT_GATES = ("similarity", "classifier")
+TRT_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def option(default, help: str, **meta):
+    """A config field with its command-line help (and, rarely, a ``flag`` name and ``scale`` for the
+    command line, e.g. ``kv_budget_bytes`` is given in MiB as ``--kv-budget-mb``). The CLI flags,
+    ``offramp serve`` overrides and ``engine.json`` keys are all derived from these fields."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+# Old names still accepted in engine.json and on the command line, with a deprecation message.
+RENAMED = {"block_size": "layers_per_block", "engine": "backend"}
 
 
 @dataclass(slots=True)
@@ -17,50 +35,64 @@ class EngineConfig:
     Invalid values raise ``ValueError`` naming the field.
     """
 
-    model: str = "default"
-    dtype: str = "float32"
-    engine: str = "torch"  # torch | onnxruntime | tensorrt (exported blocks, see offramp export)
-    export_dir: str | None = None  # where the exported blocks live; None = a cache directory per model/layout
-    trt_precision: str = "fp16"  # tensorrt engine: fp32 | fp16 | bf16 inside the engines (I/O stays float32)
-    block_size: int = 2  # decoder layers per block
-    block_boundaries: tuple[int, ...] | None = None  # explicit layer indices where blocks start
-    page_size: int = 16  # tokens per KV page
-    num_pages: int | None = None  # KV budget in pages; None derives it from kv_budget_bytes
-    kv_budget_bytes: int = 512 * 1024 * 1024
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 1024
-    max_model_len: int | None = None  # defaults to the model's context length
-    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
-    num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    use_chat_template: bool = True
-    seed: int = 0
-    exit_policy: str = "none"  # server default; requests may choose their own
-    exit_threshold: float = 0.9
-    exit_points: tuple[int, ...] | None = None  # layer depths where tokens may leave; None = every block end
-    min_exit_layer: int = 1
-    kv_fill: str = "propagate"  # how skipped layers get their K/V
-    exit_classifier: str | None = None  # safetensors file for the classifier policy
-    exit_head: str | None = None  # safetensors file of trained low-rank shortcuts; None = identity head
-    exit_gate: str | None = None  # cheap gate before the softmax check: similarity | classifier
-    exit_gate_threshold: float = 0.95
-    enable_prefix_sharing: bool = True  # share computed full prompt pages between identical prefixes
-    max_sessions: int = 1024  # sessions kept at once; a new one closes the least recently used idle one
-    session_idle_timeout_s: float = 600.0  # an idle session's pages are freed after this long
+    model: str = option("default", "'default' (SmolLM2-135M-Instruct), a checkpoint directory or a .gguf file")
+    dtype: str = option(
+        "float32", "weights and activations: float32 (the exactness reference) or bfloat16", choices=DTYPES
+    )
+    backend: str = option(
+        "torch",
+        "block backend: torch, or exported graphs (onnxruntime, tensorrt; exported on first use)",
+        choices=BACKENDS,
+    )
+    export_dir: str | None = option(
+        None, "where exported blocks live (default: a cache directory per model and layout)"
+    )
+    trt_precision: str = option(
+        "fp16", "tensorrt backend: precision inside the engines (I/O stays float32)", choices=TRT_PRECISIONS
+    )
+    layers_per_block: int = option(2, "decoder layers per block (blocks are where tokens may exit)")
+    block_boundaries: tuple[int, ...] | None = option(None, "explicit first layers of blocks, e.g. 0,10,20")
+    page_size: int = option(16, "tokens per KV page")
+    num_pages: int | None = option(None, "KV budget in pages (overrides --kv-budget-mb)")
+    kv_budget_bytes: int = option(512 * 1024 * 1024, "KV budget in MiB", flag="kv-budget-mb", scale=1024 * 1024)
+    max_num_seqs: int = option(32, "sequences running at once")
+    max_num_batched_tokens: int = option(1024, "tokens computed in one step (prompt chunks and decode rows)")
+    max_model_len: int | None = option(None, "context length (default: the model's)")
+    max_tokens_limit: int = option(4096, "largest max_tokens a request may ask for")
+    num_threads: int | None = option(None, "torch intra-op threads (default: torch's choice)")
+    use_chat_template: bool = option(True, "wrap prompts in the tokenizer's chat template (--raw: send raw text)")
+    seed: int = option(0, "seed of the random streams of requests that name no seed of their own")
+    exit_policy: str = option(
+        "none", "server default exit policy; requests may choose their own", choices=EXIT_POLICIES
+    )
+    exit_threshold: float = option(0.9, "softmax: top-1 probability; similarity: cosine; classifier: probability")
+    exit_points: tuple[int, ...] | None = option(None, "layer depths (block ends) where tokens may leave, e.g. 10,20")
+    min_exit_layer: int = option(1, "no token leaves before this many layers")
+    kv_fill: str = option(
+        "propagate", "K/V of skipped layers: propagate (approximate, now) or recompute (exact, later)", choices=KV_FILLS
+    )
+    exit_classifier: str | None = option(None, "safetensors file for --exit-policy classifier")
+    exit_head: str | None = option(None, "safetensors file of trained low-rank shortcuts (default: identity head)")
+    exit_gate: str | None = option(None, "cheap gate before the softmax check", choices=EXIT_GATES)
+    exit_gate_threshold: float = option(0.95, "threshold of --exit-gate")
+    enable_prefix_sharing: bool = option(True, "share computed full prompt pages between identical prefixes")
+    max_sessions: int = option(1024, "sessions kept at once; a new one closes the least recently used idle one")
+    session_idle_timeout_s: float = option(600.0, "an idle session's pages are freed after this many seconds")
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model: must be 'default' or a path to a checkpoint directory or GGUF file")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
-        if self.engine != "torch" and self.dtype != "float32":
-            raise ValueError(f"dtype: the {self.engine} engine runs the float32 export; use dtype float32")
-        if self.trt_precision not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"trt_precision: {self.trt_precision!r} is not one of fp32, fp16, bf16")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.backend != "torch" and self.dtype != "float32":
+            raise ValueError(f"dtype: the {self.backend} backend runs the float32 export; use dtype float32")
+        if self.trt_precision not in TRT_PRECISIONS:
+            raise ValueError(f"trt_precision: {self.trt_precision!r} is not one of {', '.join(TRT_PRECISIONS)}")
         if self.export_dir is not None and (not isinstance(self.export_dir, str) or not self.export_dir):
             raise ValueError("export_dir: must be a directory path")
-        _positive("block_size", self.block_size)
+        _positive("layers_per_block", self.layers_per_block)
         _positive("page_size", self.page_size)
         _positive("kv_budget_bytes", self.kv_budget_bytes)
         _positive("max_num_seqs", self.max_num_seqs)
@@ -74,8 +106,8 @@ class EngineConfig:
             _positive("num_threads", self.num_threads)
         if self.exit_policy not in EXIT_POLICIES:
             raise ValueError(f"exit_policy: {self.exit_policy!r} is not one of {', '.join(EXIT_POLICIES)}")
-        if self.exit_gate not in (None, "similarity", "classifier"):
-            raise ValueError(f"exit_gate: {self.exit_gate!r} is not one of similarity, classifier")
+        if self.exit_gate not in (None, *EXIT_GATES):
+            raise ValueError(f"exit_gate: {self.exit_gate!r} is not one of {', '.join(EXIT_GATES)}")
         if isinstance(self.exit_gate_threshold, bool) or not isinstance(self.exit_gate_threshold, (int, float)):
             raise ValueError(f"exit_gate_threshold: must be a number, got {self.exit_gate_threshold!r}")
         if self.kv_fill not in KV_FILLS:
@@ -113,13 +145,38 @@ class EngineConfig:
     def block_ranges(self, num_layers: int) -> list[tuple[int, int]]:
         """Half-open layer ranges ``[start, end)`` of each block."""
         if self.block_boundaries is None:
-            starts = list(range(0, num_layers, self.block_size))
+            starts = list(range(0, num_layers, self.layers_per_block))
         else:
             starts = list(self.block_boundaries)
             if starts[-1] >= num_layers:
                 raise ValueError(f"block_boundaries: {starts[-1]} is not a layer of this {num_layers}-layer model")
         ends = starts[1:] + [num_layers]
         return list(zip(starts, ends))
+
+
+def upgrade_renamed(raw: dict, where: str) -> dict:
+    """Accept the old names of renamed options (``RENAMED``), with a deprecation message."""
+    for old, new in RENAMED.items():
+        if old in raw:
+            if new in raw:
+                raise ValueError(f"{where}: both {old!r} (its old name) and {new!r} are set; keep {new!r}")
+            logging.getLogger("offramp").warning("%s: %r is deprecated; it is now called %r", where, old, new)
+            raw[new] = raw.pop(old)
+    return raw
+
+
+def config_from_dict(raw: dict, where: str) -> EngineConfig:
+    """An ``EngineConfig`` from JSON-like settings: old names upgraded, unknown keys refused, lists
+    made tuples."""
+    raw = upgrade_renamed(dict(raw), where)
+    names = {f.name for f in fields(EngineConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {unknown}")
+    for key in ("block_boundaries", "exit_points"):
+        if isinstance(raw.get(key), list):
+            raw[key] = tuple(raw[key])
+    return EngineConfig(**raw)
 
 
 def _positive(name: str, value: object) -> None:

@@ -1,6 +1,6 @@
 """Write a model as ONNX graphs: one per block of layers, plus the embedding and the heads.
 
-Everything lands in one directory with a ``manifest.json`` (``offramp.manifest``). The manifest is
+Everything lands in one directory with a ``manifest.json`` (``offramp.blocks.manifest``). The manifest is
 written last, so a directory with a manifest is complete. A re-run on the same checkpoint, block
 layout, page size and exit head finds the manifest and returns at once; anything else re-exports.
 """
@@ -20,9 +20,9 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from offramp.manifest import BlockEntry, ExportManifest
-from offramp.model_loader import load_weights, resolve_model
-from offramp.modeling import ModelWeights
+from offramp.blocks.manifest import BlockEntry, ExportManifest
+from offramp.model.decoder import ModelWeights
+from offramp.model.loader import load_weights, resolve_model
 from offramp_export.graphs import BlockGraph, EmbedGraph, HeadGraph
 
 EXPORTER_VERSION = "1"  # bump whenever the graphs change: older exports are then redone

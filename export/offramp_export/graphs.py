@@ -1,6 +1,6 @@
 """The PyTorch modules that are traced into ONNX: one decoder block, the embedding, the heads.
 
-They compute exactly what ``offramp.modeling`` computes, written in operations every ONNX
+They compute exactly what ``offramp.model.decoder`` computes, written in operations every ONNX
 consumer (ONNX Runtime, TensorRT) runs well: the block reads its layers' K/V straight from the
 paged store (a Gather of whole pages), attends over that context followed by the new rows' own
 K/V (a Concat; no scatter, which ONNX Runtime runs slowly), and hands the new K/V back for the
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from offramp.modeling import LayerWeights, ModelShape, ModelWeights
+from offramp.model.decoder import LayerWeights, ModelShape, ModelWeights
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

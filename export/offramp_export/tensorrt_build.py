@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from offramp.manifest import ExportManifest
+from offramp.blocks.manifest import ExportManifest
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 CACHE_NAME = "tensorrt.json"

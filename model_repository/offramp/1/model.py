@@ -2,7 +2,7 @@
 
 ``initialize`` reads ``engine.json`` and starts the engine thread and a response thread;
 ``execute`` only validates and enqueues; ``finalize`` drains in-flight requests and joins.
-Everything else lives in the ``offramp`` package (``offramp.triton_adapter`` for what this model
+Everything else lives in the ``offramp`` package (``offramp.serving.triton_adapter`` for what this model
 shares with ``offramp_chat``), which never imports Triton's utilities.
 """
 
@@ -10,8 +10,8 @@ import uuid
 
 import triton_python_backend_utils as pb_utils
 
-from offramp.async_engine import RequestHandle
-from offramp.triton_adapter import ModelAdapter
+from offramp.serving.async_engine import RequestHandle
+from offramp.serving.triton_adapter import ModelAdapter
 
 
 class TritonPythonModel:

@@ -2,17 +2,17 @@
 batcher (decoupled). One conversation per correlation id; each turn's ``text_input`` is the user's
 next message.
 
-``execute`` only reads the sequence flags and inputs and hands the turn to ``offramp.chat`` (the
+``execute`` only reads the sequence flags and inputs and hands the turn to ``offramp.serving.chat`` (the
 per-conversation history, turn queue and session handling, no Triton there); the engine thread,
 response thread and metrics are the ones the stateless ``offramp`` model uses
-(``offramp.triton_adapter``).
+(``offramp.serving.triton_adapter``).
 """
 
 import triton_python_backend_utils as pb_utils
 
-from offramp.chat import ChatSessions, chat_renderer, parse_turn
-from offramp.requests import RequestError
-from offramp.triton_adapter import INPUTS, ModelAdapter
+from offramp.serving.chat import Conversations, chat_renderer, parse_turn
+from offramp.serving.requests import RequestError
+from offramp.serving.triton_adapter import INPUTS, ModelAdapter
 
 
 class TritonPythonModel:
@@ -25,7 +25,7 @@ class TritonPythonModel:
         self.adapter = ModelAdapter(pb_utils, args, extra_outputs=("num_cached_tokens",))
         config = self.adapter.config
         render = chat_renderer(self.adapter.engine.engine.tokenizer, config.engine.use_chat_template)
-        self.chats = ChatSessions(
+        self.chats = Conversations(
             self.adapter.engine, render, config.engine.session_idle_timeout_s, config.max_queued_requests
         )
 

@@ -1,0 +1,54 @@
+"""The block-backend interface: run one block of decoder layers on a sub-batch over the paged KV store."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from offramp.model.attention import AttentionMetadata
+from offramp.model.decoder import ModelWeights, project_kv
+from offramp.model.kv_store import KVStore
+
+
+class BlockBackend(ABC):
+    """Hidden states in, hidden states out, for layers ``[start, end)`` of one block.
+
+    Implementations (PyTorch in ``torch_backend``; exported graphs on ONNX Runtime in
+    ``ort_backend`` and on TensorRT in ``trt_backend``) read and write the block's layers' KV through
+    the same paged store, so the runner can stop between any two blocks.
+    """
+
+    def __init__(self, weights: ModelWeights, kv: KVStore, block_ranges: list[tuple[int, int]]) -> None:
+        self.weights = weights
+        self.kv = kv
+        self.block_ranges = block_ranges
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ranges)
+
+    @abstractmethod
+    def run_block(
+        self,
+        block_idx: int,
+        hidden: torch.Tensor,  # [num_tokens, hidden]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        """Run every layer of block ``block_idx`` on ``hidden`` (the tokens ``meta`` describes)."""
+
+    def propagate_kv(
+        self,
+        hidden: torch.Tensor,  # [n, hidden] exit hidden states of tokens that left early
+        cos: torch.Tensor,  # [n, 1, head_dim]
+        sin: torch.Tensor,  # [n, 1, head_dim]
+        slots: torch.Tensor,  # [n] long
+        from_layer: int,
+    ) -> None:
+        """Fill K/V of layers ``from_layer ..`` for exited tokens from their exit hidden state (CALM).
+
+        Only each skipped layer's input norm and K/V projections run, in PyTorch for every backend.
+        """
+        for layer in range(from_layer, self.weights.shape.num_layers):
+            k, v = project_kv(self.weights.layers[layer], hidden, cos, sin, self.weights.shape)
+            self.kv.write(layer, slots, k, v)

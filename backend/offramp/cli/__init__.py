@@ -1,0 +1,1 @@
+"""The ``offramp`` command line."""

@@ -1,0 +1,342 @@
+"""The engine loop: the scheduler picks, the runner runs, the scheduler post-processes."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from offramp.blocks.factory import build_backend, kv_layout
+from offramp.config import EngineConfig
+from offramp.engine.kv_sessions import CacheStats, KVSessionTable
+from offramp.engine.page_manager import PageManager
+from offramp.engine.runner import ModelRunner
+from offramp.engine.sampling import SamplingParams
+from offramp.engine.scheduler import Scheduler
+from offramp.engine.sequence import FinishReason, Sequence
+from offramp.model.decoder import final_logits
+from offramp.model.kv_store import KVStore, pages_for_budget
+from offramp.model.loader import cache_root, eos_token_ids, load_tokenizer, load_weights, resolve_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A finished (or aborted) request as callers see it."""
+
+    request_id: str
+    prompt: str | None
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    exit_layers: list[int]
+    num_preemptions: int = 0
+    session_id: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from session pages or shared prefix pages
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def default_export_dir(checkpoint: Path, config: EngineConfig) -> Path:
+    """Where exported blocks of this checkpoint and layout are cached when no export_dir is set."""
+    key = repr(
+        (
+            str(checkpoint.resolve()),
+            config.layers_per_block,
+            config.block_boundaries,
+            config.page_size,
+            config.exit_head,
+        )
+    )
+    return cache_root() / "export" / f"{checkpoint.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.checkpoint = resolve_model(config.model)
+        self.dtype = DTYPES[config.dtype]
+        self.weights, self.hf_config = load_weights(self.checkpoint, self.dtype)
+        self.tokenizer = load_tokenizer(self.checkpoint)
+        self.eos_ids = eos_token_ids(self.checkpoint, self.tokenizer)
+        shape = self.weights.shape
+        self.num_layers = shape.num_layers
+        self.max_model_len = self._max_model_len()
+        num_pages = config.num_pages or pages_for_budget(shape, self.dtype, config.page_size, config.kv_budget_bytes)
+        self.pages = PageManager(num_pages, config.page_size)
+        self.block_ranges = config.block_ranges(shape.num_layers)
+        export_dir = self._export(num_pages) if config.backend != "torch" else None
+        kv_device, head_major = kv_layout(config)
+        self.kv = KVStore(shape, num_pages, config.page_size, self.dtype, [kv_device] * shape.num_layers, head_major)
+        self.backend = build_backend(config, self.weights, self.kv, self.block_ranges, export_dir)
+        self.runner = ModelRunner(self.weights, self.backend, self.pages, config, self.max_model_len)
+        self.sessions = KVSessionTable(self.pages, config.max_sessions, config.session_idle_timeout_s)
+        self.scheduler = Scheduler(
+            self.pages, config.max_num_seqs, config.max_num_batched_tokens, self.sessions, config.enable_prefix_sharing
+        )
+        if config.exit_policy != "none" or config.exit_gate is not None:
+            self.runner.policy(config.exit_policy if config.exit_policy != "none" else "softmax")  # fail at load
+        self._generators: dict[int, torch.Generator] = {}
+        self._seed_counter = itertools.count(config.seed)
+        self._seqs: dict[str, Sequence] = {}
+
+    def _export(self, num_pages: int) -> Path:
+        """Exported backends: export the blocks (or reuse an up-to-date export), and build the
+        TensorRT engines for ``tensorrt``; returns the export directory."""
+        from offramp_export import export_model
+        from offramp_export.tensorrt_build import ProfileLimits, TensorRTUnavailable, build_engines, check_tensorrt
+
+        config = self.config
+        try:
+            if config.backend == "tensorrt":
+                check_tensorrt()  # before exporting: fail fast where TensorRT cannot run
+            export_dir = Path(config.export_dir) if config.export_dir else default_export_dir(self.checkpoint, config)
+            exit_head = Path(config.exit_head) if config.exit_head else None
+            result = export_model(config.model, self.block_ranges, config.page_size, export_dir, exit_head)
+            if config.backend == "tensorrt":
+                limits = ProfileLimits(
+                    config.max_num_seqs,
+                    config.max_num_batched_tokens,
+                    self.max_model_len,
+                    num_pages * config.page_size,
+                )
+                build_engines(result.directory, config.trt_precision, limits, self.weights.shape.num_kv_heads)
+        except TensorRTUnavailable as exc:
+            raise ValueError(f"backend tensorrt: {exc}; use backend onnxruntime or torch on this machine") from None
+        return result.directory
+
+    def _max_model_len(self) -> int:
+        limit = self.weights.shape.max_position_embeddings
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and getattr(self.hf_config, "use_sliding_window", True):
+            limit = min(limit, window)  # beyond the window the model would attend differently
+        if self.config.max_model_len is not None:
+            if self.config.max_model_len > limit:
+                raise ValueError(f"max_model_len: {self.config.max_model_len} exceeds the model's {limit}")
+            limit = self.config.max_model_len
+        return limit
+
+    # -- requests -------------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
+        """Token ids of ``prompt``: through the chat template when the tokenizer has one."""
+        chat = self.config.use_chat_template if chat is None else chat
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            enc = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_for_serving(self, prompt: str) -> list[int]:
+        """Served text: through the chat template unless it already carries the template's markup
+        (as text from an OpenAI-compatible frontend that applied the template itself does)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not self.config.use_chat_template or not template:
+            return self.encode(prompt, chat=False)
+        specials = [t for t in self.tokenizer.all_special_tokens if t and t in template]
+        already = any(prompt.lstrip().startswith(t) for t in specials)
+        return self.encode(prompt, chat=not already)
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, session_id: str | None = None
+    ) -> Sequence:
+        """Queue a request; raises ``ValueError`` for input the engine cannot serve.
+
+        With ``session_id`` the request is a turn of a stateful session: ``prompt_token_ids`` are the
+        FULL conversation so far (the caller renders every message, e.g. through the chat template),
+        the engine reuses the K/V of the longest prefix it still holds for the session and prefills
+        only the rest, and when the request finishes (for any reason but ``end_session``) the
+        session keeps the pages of its computed tokens for the next turn. One request per session
+        may be in flight (a second raises ``ValueError``). Outputs equal the stateless ones (greedy,
+        exits off); with early exits and ``kv_fill=propagate`` the reused K/V of generated tokens is
+        the propagated approximation, the same the request itself decoded with; with
+        ``kv_fill=recompute`` only tokens with exact K/V are kept.
+        """
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise ValueError(f"session_id: must be a non-empty string, got {session_id!r}")
+        if request_id in self._seqs:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        if not prompt_token_ids:
+            raise ValueError("prompt: is empty")
+        if params.max_tokens > self.config.max_tokens_limit:
+            raise ValueError(f"max_tokens: {params.max_tokens} exceeds the limit {self.config.max_tokens_limit}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(prompt_token_ids)} tokens leave no room in the context of {self.max_model_len}"
+            )
+        if (
+            self.pages.pages_for(min(len(prompt_token_ids) + params.max_tokens, self.max_model_len))
+            > self.pages.num_pages
+        ):
+            raise ValueError(
+                f"prompt: {len(prompt_token_ids)} tokens + max_tokens {params.max_tokens} exceed the KV store "
+                f"({self.pages.num_pages * self.pages.page_size} tokens)"
+            )
+        if params.exit_policy not in (None, "none"):
+            self.runner.policy(params.exit_policy)  # a policy that cannot run is refused here (ValueError)
+        if session_id is not None:
+            self.sessions.open(session_id, request_id)  # last check: raises if the session is busy
+        seq = Sequence(list(prompt_token_ids), params, request_id=request_id, session_id=session_id)
+        if not params.is_greedy:
+            seed = params.seed if params.seed is not None else next(self._seed_counter)
+            self._generators[seq.seq_id] = torch.Generator().manual_seed(seed)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Cancel a request: it finishes with reason ``abort`` and its pages are freed at once."""
+        seq = self._seqs.get(request_id)
+        if seq is not None:
+            self._finish(seq, FinishReason.ABORT)
+        return seq
+
+    # -- sessions -------------------------------------------------------------------------------
+    def end_session(self, session_id: str) -> bool:
+        """Close a session: its request in flight (if any) is aborted and every page it holds is
+        freed. Returns whether the session existed."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        if session.request_id is not None and session.request_id in self._seqs:
+            self._finish(self._seqs[session.request_id], FinishReason.ABORT)
+        self.sessions.end(session_id)
+        return True
+
+    def evict_session(self, session_id: str) -> int:
+        """Drop an idle session's pages now (its next request re-prefills); returns pages freed."""
+        session = self.sessions.get(session_id)
+        return 0 if session is None or session.request_id is not None else self.sessions.evict(session_id)
+
+    def expire_sessions(self) -> list[str]:
+        """Close sessions idle longer than ``session_idle_timeout_s`` (cheap; ``step`` calls it)."""
+        return self.sessions.expire()
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        """Sessions and prefix sharing now (see ``CacheStats``), for metrics."""
+        return self.sessions.stats(self.scheduler.num_prefix_reused_tokens)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the loop -------------------------------------------------------------------------------
+    def step(self) -> tuple[list[Sequence], list[Sequence]]:
+        """One iteration. Returns (sequences that got a token, sequences that finished)."""
+        self.sessions.expire()
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return [], []
+        result = self.runner.run(batch, self._generators)
+        grown = self.scheduler.postprocess(batch, result.token_ids)
+        for item, depth in zip(batch.scheduled, result.exit_layers):
+            if depth is not None:
+                item.seq.exit_layers.append(depth)
+        now = time.perf_counter()
+        finished = []
+        for seq in grown:
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                self._finish(seq, reason)
+                finished.append(seq)
+        return grown, finished
+
+    def _stop_reason(self, seq: Sequence) -> FinishReason | None:
+        last = seq.output_token_ids[-1]
+        if last in self.eos_ids and not seq.params.ignore_eos:
+            return FinishReason.STOP
+        if seq.params.stop and self._stop_string_at(seq) is not None:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _stop_string_at(self, seq: Sequence) -> int | None:
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.is_finished:
+            return
+        if seq.session_id is not None:  # the session keeps the pages of the tokens with exact K/V
+            exact = self.runner.exact_prefix(seq.seq_id, seq.num_computed_tokens)
+            self.sessions.detach(seq.session_id, seq.seq_id, seq.token_ids(0, exact))
+        self.scheduler.finish(seq, reason)
+        self.runner.release(seq.seq_id)
+        seq.finish_time = time.perf_counter()
+        self._generators.pop(seq.seq_id, None)
+        self._seqs.pop(seq.request_id, None)
+
+    def teacher_forced_hidden(
+        self, prompt_ids: list[int], output_ids: list[int], depths: tuple[int, ...] = ()
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Hidden states (at ``depths`` and after the last layer) at the positions that predicted
+        each of ``output_ids``, from one full-depth pass over prompt + outputs."""
+        tokens = list(prompt_ids) + list(output_ids[:-1])
+        owner = -next(self._seed_counter) - 1  # a page-table id no sequence uses
+        self.sessions.reclaim(self.pages.pages_for(len(tokens)))  # idle sessions' pages are a cache
+        if not self.pages.can_allocate(owner, len(tokens)):
+            raise ValueError("teacher forcing: not enough free KV pages; run it when the engine is idle")
+        self.pages.allocate(owner, len(tokens))
+        try:
+            return self.runner.full_depth_hidden(tokens, self.pages.page_table(owner), len(prompt_ids) - 1, depths)
+        finally:
+            self.pages.free(owner)
+
+    def teacher_forced_agreement(self, prompt_ids: list[int], output_ids: list[int]) -> list[bool]:
+        """For each generated token: would the full model, given the same prefix, pick it too?"""
+        if not output_ids:
+            return []
+        _, final = self.teacher_forced_hidden(prompt_ids, output_ids)
+        picks = final_logits(self.weights, final).argmax(-1).tolist()
+        return [a == b for a, b in zip(picks, output_ids)]
+
+    def output_of(self, seq: Sequence, prompt: str | None = None) -> RequestOutput:
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        if seq.params.stop:
+            cut = self._stop_string_at(seq)
+            text = text if cut is None else text[:cut]
+        end = seq.finish_time or time.perf_counter()
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=prompt,
+            text=text,
+            token_ids=list(seq.output_token_ids),
+            prompt_token_ids=list(seq.prompt_token_ids),
+            finish_reason=(seq.finish_reason or FinishReason.ABORT).value,
+            exit_layers=list(seq.exit_layers),
+            num_preemptions=seq.num_preemptions,
+            session_id=seq.session_id,
+            num_cached_tokens=seq.num_cached_tokens,
+            ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
+            latency_s=end - seq.arrival_time,
+        )
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        chat: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Offline: run all prompts together (continuously batched) and return them in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat)
+            seqs.append(self.add_request(f"offline-{id(seqs)}-{i}", ids, p))
+        while self.has_work:
+            self.step()
+        return [self.output_of(seq, prompt if isinstance(prompt, str) else None) for seq, prompt in zip(seqs, prompts)]

@@ -1,0 +1,1 @@
+"""Serving: the async engine, request parsing, detokenization, chat turns and the Triton adapter."""

@@ -1,0 +1,160 @@
+"""``offramp serve``: run a real ``tritonserver`` on the Offramp model repository.
+
+Finds ``tritonserver`` (the one the ``nvidia-pytriton`` wheel ships, or one on ``PATH`` as in the
+NGC image), prepares a backend directory with the Python backend and the stub for this Python,
+resolves the model once (a GGUF is de-quantized before the server starts), starts the server
+with locked-down defaults, waits until it is ready, and stops it cleanly on Ctrl-C.
+
+The server loads every model in the repository: ``offramp`` (stateless) and ``offramp_chat``
+(multi-turn sessions). Each is its own Python-backend process with its own engine: its own copy of
+the weights and its own KV store. The command-line overrides (``OFFRAMP_ENGINE_OVERRIDES``) apply
+to every model alike, which is what both need (the same checkpoint, engine and export); budgets
+such as ``--kv-budget-mb`` and ``--max-queued-requests`` therefore hold per model, so the
+server's total KV memory is the budget times the number of models. Models load one after the
+other, so that a second model reuses the export (``--engine onnxruntime``) the first one wrote.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from offramp.model.loader import ModelLoadError, cache_root, resolve_model
+
+
+@dataclass(slots=True)
+class ServerPaths:
+    tritonserver: Path
+    backend_dir: Path
+    lib_dirs: list[Path]
+
+
+def find_tritonserver(workdir: Path) -> ServerPaths:
+    """The PyPI tritonserver (with a backend dir holding this Python's stub), else one on PATH."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is not None and spec.submodule_search_locations:
+        root = Path(spec.submodule_search_locations[0]) / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if (root / "bin" / "tritonserver").is_file() and stub.is_file():
+            backends = workdir / "backends"
+            python_dir = backends / "python"
+            if not (python_dir / "triton_python_backend_stub").is_file():
+                shutil.rmtree(backends, ignore_errors=True)
+                shutil.copytree(root / "backends" / "python", python_dir)
+                shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+            libs = root.parent.parent / "nvidia_pytriton.libs"
+            return ServerPaths(
+                root / "bin" / "tritonserver", backends, [libs, Path(sysconfig.get_config_var("LIBDIR"))]
+            )
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return ServerPaths(Path(on_path), Path("/opt/tritonserver/backends"), [])
+    raise ModelLoadError("no tritonserver found: install nvidia-pytriton (make install) or run in the NGC image")
+
+
+def server_command(
+    paths: ServerPaths, repo: Path, http: int, grpc: int, metrics: int, host: str = "127.0.0.1"
+) -> list[str]:
+    """Locked-down defaults: listen on ``host`` only (loopback unless asked), no model load/unload
+    API; repository, shared-memory, logging and trace APIs need a key that is printed nowhere."""
+    key = secrets.token_hex(16)
+    restricted = f"model-repository,shared-memory,logging,trace:offramp-admin-key={key}"
+    return [
+        str(paths.tritonserver),
+        f"--model-repository={repo}",
+        f"--backend-directory={paths.backend_dir}",
+        "--model-control-mode=none",
+        f"--http-address={host}",
+        f"--http-port={http}",
+        f"--grpc-address={host}",
+        f"--grpc-port={grpc}",
+        f"--metrics-address={host}",
+        f"--metrics-port={metrics}",
+        "--allow-metrics=true",
+        f"--http-restricted-api={restricted}",
+        f"--grpc-restricted-protocol={restricted}",
+        "--exit-timeout-secs=30",
+        "--model-load-thread-count=1",  # one at a time: the models share one export directory
+        "--log-verbose=0",
+    ]
+
+
+def server_env(paths: ServerPaths, overrides: dict) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(p) for p in paths.lib_dirs] + [env.get("LD_LIBRARY_PATH", "")])
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["OFFRAMP_ENGINE_OVERRIDES"] = json.dumps(overrides)
+    return env
+
+
+def wait_ready(proc: subprocess.Popen, http: int, timeout: float) -> None:
+    url = f"http://127.0.0.1:{http}/v2/health/ready"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"tritonserver was not ready after {timeout:.0f} s")
+
+
+def run_server(
+    repo: Path,
+    overrides: dict,
+    http: int = 8000,
+    grpc: int = 8001,
+    metrics: int = 8002,
+    timeout: float = 300.0,
+    host: str = "127.0.0.1",
+) -> int:
+    """Start, wait until ready, print how to use it, and serve until Ctrl-C / SIGTERM."""
+    if not (repo / "offramp" / "config.pbtxt").is_file():
+        raise ModelLoadError(f"{repo} is not an Offramp model repository (no offramp/config.pbtxt)")
+    if "model" in overrides:
+        overrides["model"] = str(resolve_model(overrides["model"]))  # de-quantize a GGUF before serving
+    paths = find_tritonserver(cache_root() / "triton")
+    proc = subprocess.Popen(
+        server_command(paths, repo.resolve(), http, grpc, metrics, host), env=server_env(paths, overrides)
+    )
+    stop = {"signal": False}
+
+    def forward(signum, _frame):
+        stop["signal"] = True
+        proc.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        wait_ready(proc, http, timeout)
+    except RuntimeError as exc:
+        proc.terminate()
+        proc.wait(30)
+        raise ModelLoadError(str(exc)) from None
+    body = json.dumps({"text_input": "What is the capital of France?", "sampling_parameters": '{"max_tokens": 32}'})
+    print(
+        f"offramp: serving on http://{host}:{http} (gRPC {grpc}, metrics {metrics}); Ctrl-C stops.\n"
+        f"  curl -s -X POST localhost:{http}/v2/models/offramp/generate -d '{body}'\n"
+        f'  offramp-client --url localhost:{grpc} --protocol grpc stream "Tell me a story"\n'
+        f"  offramp-client --url localhost:{grpc} chat          (model offramp_chat: a conversation)",
+        flush=True,
+    )
+    code = proc.wait()
+    return 0 if stop["signal"] else code

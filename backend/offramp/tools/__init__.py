@@ -1,0 +1,1 @@
+"""Offline tools: calibration of exits, exit simulation, evaluation, benchmarks and their plots."""
