@@ -72,7 +72,7 @@ def test_classifier_file_loads_and_serves(calibrated, tiny_models):
         keys = set(f.keys())
         assert json.loads(f.metadata()["offramp"])["head"] == "one_jump"  # the head whose correctness it predicts
     assert keys == {f"{k}.{d}" for k in ("weight", "bias") for d in (1, 2, 3)}
-    policy = ClassifierExit(path, torch.float32)
+    policy = ClassifierExit(path)
     assert policy.weight[2].shape == (64,) and policy.bias[2].shape == (1,)
     served = _engine(tiny_models["llama"], exit_head=str(out / "one_jump.safetensors"), exit_classifier=str(path))
     for threshold, depths in ((0.0, [4, 1, 1, 1]), (1.5, [4, 4, 4, 4])):
@@ -87,7 +87,7 @@ def test_classifier_beats_the_base_rate(calibrated):
     w = engine.weights
     head = LowRankHead(w, out / "one_jump.safetensors")
     correct = head_outputs(w, head, train, [1, 2, 3]).tokens == full_tokens(w, train.final)  # [3, n]
-    policy = ClassifierExit(out / "classifier.safetensors", torch.float32)
+    policy = ClassifierExit(out / "classifier.safetensors")
     mixed = 0
     for i, d in enumerate((1, 2, 3)):
         y = correct[i].float()
@@ -103,7 +103,7 @@ def _exit_by_hand(engine, out, held, policy: str, threshold: float) -> float:
     """Token agreement of the policy at ``threshold``, one token at a time with the serving code."""
     w = engine.weights
     head = LowRankHead(w, out / "one_jump.safetensors")
-    classifier = ClassifierExit(out / "classifier.safetensors", torch.float32)
+    classifier = ClassifierExit(out / "classifier.safetensors")
     full = full_tokens(w, held.final).tolist()
     same = 0
     for t in range(held.num_tokens):
@@ -252,7 +252,7 @@ def test_best_from_depth_meets_the_target_and_serves(calibrated):
     depths = report.exit_depths
     outputs, full = head_outputs(w, head, held, depths), full_tokens(w, held.final)
     costs = exit_costs(w, head)
-    score = policy_scores(outputs, held, ClassifierExit(out / "classifier.safetensors", torch.float32))["classifier"]
+    score = policy_scores(outputs, held, ClassifierExit(out / "classifier.safetensors"))["classifier"]
     for target in (0.5, 0.8):
         row = best_from_depth("classifier", score, outputs, full, costs, (target,))[str(target)]
         assert row["token_agreement"] >= target and row["min_exit_layer"] in depths

@@ -128,13 +128,14 @@ def test_softmax_policy_uses_top1_probability(tiny_models):
     check.thresholds[0] += 1e-3
     decision = SoftmaxExit().decide(check)
     assert decision.leave.tolist() == [False, True, True, True]
-    assert decision.logits.shape == (4, 121)
+    assert decision.logits.shape == (3, 121)  # the leavers' logits, handed on to sampling
+    torch.testing.assert_close(decision.logits, check.head.logits(check.hidden, 2)[1:])
 
 
 def test_classifier_policy_reads_its_file(tmp_path):
     path = tmp_path / "classifier.safetensors"
     save_file({"weight.2": torch.linspace(-1, 1, 8), "bias.2": torch.tensor([0.0])}, str(path))
-    policy = ClassifierExit(path, torch.float32)
+    policy = ClassifierExit(path)
     check = _check()
     check.hidden[0] = torch.arange(8.0)  # aligned with the weight -> prob > 0.5
     check.hidden[1] = -torch.arange(8.0)

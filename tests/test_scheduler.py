@@ -111,8 +111,13 @@ class FakeEngine:
             len(sched.running),
             len(sched.waiting),
         )
-        grown = sched.postprocess(out, sampled)
+        depths = [None if tok is None else 1 + tok % 4 for tok in sampled]  # a made-up exit depth per token
+        grown = sched.postprocess(out, sampled, depths)
         assert grown == [item.seq for item, tok in zip(out.scheduled, sampled, strict=True) if tok is not None]
+        for seq, tok, depth in zip(out.scheduled, sampled, depths):  # token and depth appended together
+            if tok is not None:
+                assert seq.seq.output_token_ids[-1] == tok and seq.seq.exit_layers[-1] == depth
+                assert len(seq.seq.exit_layers) == len(seq.seq.output_token_ids)
         for seq in grown:
             if len(seq.output_token_ids) >= seq.params.max_tokens:
                 self.finish(seq, FinishReason.LENGTH)

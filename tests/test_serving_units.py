@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from offramp import EngineConfig
+from offramp.engine.detokenizer import IncrementalDetokenizer, first_stop
 from offramp.engine.llm_engine import LLMEngine
 from offramp.engine.sampling import SamplingParams
 from offramp.serving.async_engine import AsyncEngine, RequestHandle
-from offramp.serving.detokenizer import IncrementalDetokenizer
 from offramp.serving.requests import GenerateRequest, RequestError, parse_request
 from offramp.serving.serving_config import load_serving_config
 
@@ -88,20 +88,39 @@ class _Tok:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
+def _feed(detok: IncrementalDetokenizer, ids: list[int]) -> str:
+    detok.add(ids)
+    return detok.take()
+
+
 def test_detokenizer_never_splits_a_character_or_drops_spaces():
     text = "Grüße, 世界 🎉 done"
     detok = IncrementalDetokenizer(_Tok())
-    pieces = [detok.add([b]) for b in text.encode("utf-8")]
+    pieces = [_feed(detok, [b]) for b in text.encode("utf-8")]
     assert "".join(pieces) + detok.flush() == text
     assert all("\ufffd" not in p for p in pieces)
 
 
 def test_detokenizer_holds_back_a_stop_string():
     detok = IncrementalDetokenizer(_Tok(), stop=["END"])
-    sent = "".join(detok.add([b]) for b in b"abc EN")
-    assert "E" not in sent  # could be the start of "END"
-    sent += "".join(detok.add([b]) for b in b"D more")
+    sent = "".join(_feed(detok, [b]) for b in b"abc EN")
+    assert "E" not in sent and detok.stop_at is None  # could be the start of "END"
+    sent += "".join(_feed(detok, [b]) for b in b"D more")
+    assert detok.stop_at == 4 and detok.final_text == "abc "
     assert sent + detok.flush() == "abc "
+
+
+def test_detokenizer_finds_the_earliest_stop_string_across_pieces():
+    detok = IncrementalDetokenizer(_Tok(), stop=["xyz", "b c"])
+    for chunk in (b"a b", b" c x", b"yz"):  # "b c" straddles two pieces; "xyz" comes later
+        detok.add(list(chunk))
+    assert detok.stop_at == 2 and detok.final_text == "a "
+
+
+def test_first_stop_is_the_earliest_of_several():
+    assert first_stop("one two three", ["three", "two"]) == 4
+    assert first_stop("one two", ["x"]) is None
+    assert first_stop("ab ab", ["ab"], start=1) == 3
 
 
 def test_engine_json(tmp_path):
@@ -228,7 +247,7 @@ def test_shutdown_finishes_or_aborts_everything(tiny_models):
 def test_detokenizer_flush_keeps_a_cut_character():
     detok = IncrementalDetokenizer(_Tok())
     data = "Party 🎉".encode()[:-1]  # generation stopped inside the emoji
-    sent = detok.add(list(data))  # held back: the window ends inside a character
+    sent = _feed(detok, list(data))  # held back: the window ends inside a character
     assert sent + detok.flush() == "Party \ufffd" and detok.text == "Party \ufffd"
 
 

@@ -1,8 +1,8 @@
 """The walk down the blocks for one step, with early exits and the K/V of skipped layers.
 
 Without exits the whole batch runs every block. With exits, after each exit point the decoding
-tokens still running ask their policy; leavers stop there and the sub-batch shrinks. Their skipped
-layers' K/V is filled per ``kv_fill``:
+tokens still running ask the policy the runner chose for them; leavers stop there and the
+sub-batch shrinks. Their skipped layers' K/V is filled per ``kv_fill``:
 
 - ``propagate`` (CALM): at once, from the exit hidden state through each skipped layer's input norm
   and K/V projections (approximate).
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +24,43 @@ import torch.nn.functional as F
 from offramp.blocks.base import BlockBackend
 from offramp.engine.scheduler import ScheduledSeq
 from offramp.exits import ExitCheck, ExitHead, ExitPolicy
-from offramp.model.attention import SeqSlice, build_metadata
+from offramp.model.attention import AttentionMetadata, SeqSlice, build_metadata
 from offramp.model.decoder import ModelWeights
+
+
+@dataclass(slots=True)
+class ExitChoice:
+    """How one row may leave this step: its policy and the request's threshold."""
+
+    policy: ExitPolicy
+    threshold: float
+
+
+@dataclass(slots=True)
+class StepInput:
+    """One step's rows, decode rows first: per item its slice, tokens and exit choice."""
+
+    items: list[ScheduledSeq]
+    slices: list[SeqSlice]
+    token_ids: list[int]  # every item's new tokens, in item order
+    choices: list[ExitChoice | None]  # None: full depth (prompt chunks, recomputation, exits off)
+
+
+@dataclass(slots=True)
+class Exit:
+    """A token that left early."""
+
+    depth: int  # layers it ran
+    hidden: torch.Tensor  # [hidden] its state there
+    logits: torch.Tensor | None = None  # [vocab] when its policy computed them to decide
+
+
+@dataclass(slots=True)
+class LoopResult:
+    """Per sampling item (index into the step's items): its last row after full depth, or its exit."""
+
+    final_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # item -> [hidden]
+    exited: dict[int, Exit] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -39,19 +73,29 @@ class Pending:
 
 
 @dataclass(slots=True)
-class LoopResult:
-    """Per item (index into the step's items): its last row after full depth, or where it left."""
-
-    final_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # item -> [hidden]
-    exited: dict[int, tuple[int, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
 class LoopStats:
     block_s: float = 0.0
     check_s: float = 0.0
     fill_s: float = 0.0
     recomputed_rows: int = 0  # kept tokens that re-entered a sub-batch (recompute)
+
+
+@dataclass(slots=True)
+class _Walk:
+    """The sub-batch still running: items in ``active`` order, ``sizes`` rows each, as one
+    contiguous tensor; re-gathered (and its metadata rebuilt) only when items leave or kept tokens
+    join."""
+
+    active: list[int]
+    sizes: list[int]
+    hidden: torch.Tensor  # [rows, hidden]
+    kept: list[list[Pending]]  # per item: its tokens still pending (recompute)
+    redo: list[tuple[int, ...]]  # per item: positions re-entered so far
+    meta: AttentionMetadata | None = None
+
+    @property
+    def ends(self) -> list[int]:  # one past each active item's rows
+        return list(itertools.accumulate(self.sizes))
 
 
 class BlockLoop:
@@ -65,12 +109,10 @@ class BlockLoop:
         exit_depths: set[int],
         kv_fill: str,
         head: ExitHead,
-        policy_of: Callable[[ScheduledSeq], tuple[ExitPolicy, float] | None],
     ) -> None:
         self.weights, self.backend, self.page_size = weights, backend, page_size
         self.cos, self.sin = cos, sin
         self.exit_depths, self.kv_fill, self.head = exit_depths, kv_fill, head
-        self.policy_of = policy_of  # (policy, threshold) for items that may leave now, else None
         self.pending: dict[int, list[Pending]] = {}  # seq_id -> kept tokens (recompute)
         self.stats = LoopStats()
 
@@ -84,134 +126,146 @@ class BlockLoop:
         pending = self.pending.get(seq_id)
         return min(num_computed_tokens, pending[0].position) if pending else num_computed_tokens
 
-    def _meta(self, slices: list[SeqSlice]):
-        return build_metadata(slices, self.page_size, self.cos, self.sin)
+    def run(self, step: StepInput) -> LoopResult:
+        self._drop_recomputed(step.items)
+        exiting = self.exit_depths and any(c is not None for c in step.choices)
+        if exiting or any(it.seq.seq_id in self.pending for it in step.items):
+            return self._run_with_exits(step)
+        return self._run_full(step)
 
-    def _embed(self, token_ids: list[int]) -> torch.Tensor:  # [n, hidden]
-        return F.embedding(torch.tensor(token_ids, dtype=torch.long), self.weights.embed)
-
-    def run(self, items: list[ScheduledSeq], slices: list[SeqSlice], token_ids: list[int]) -> LoopResult:
-        for item in items:  # positions at or after num_computed_tokens are being (re)computed anew
+    def _drop_recomputed(self, items: list[ScheduledSeq]) -> None:
+        """Positions at or after ``num_computed_tokens`` are being (re)computed anew."""
+        for item in items:
             kept = self.pending.get(item.seq.seq_id)
             if kept and kept[-1].position >= item.seq.num_computed_tokens:
                 kept = [p for p in kept if p.position < item.seq.num_computed_tokens]
                 self.pending[item.seq.seq_id] = kept
                 if not kept:
                     self.release(item.seq.seq_id)
-        exiting = self.exit_depths and any(self.policy_of(it) is not None for it in items)
-        if exiting or any(it.seq.seq_id in self.pending for it in items):
-            return self._run_with_exits(items, slices, token_ids)
-        return self._run_full(items, slices, token_ids)
 
-    def _run_full(self, items, slices, token_ids) -> LoopResult:
-        hidden = self._embed(token_ids)
-        meta = self._meta(slices)
+    def _meta(self, slices: list[SeqSlice]) -> AttentionMetadata:
+        return build_metadata(slices, self.page_size, self.cos, self.sin)
+
+    def _embed(self, token_ids: list[int]) -> torch.Tensor:  # [n, hidden]
+        return F.embedding(torch.tensor(token_ids, dtype=torch.long), self.weights.embed)
+
+    def _run_full(self, step: StepInput) -> LoopResult:
+        hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
         start = time.perf_counter()
         for b in range(self.backend.num_blocks):
             hidden = self.backend.run_block(b, hidden, meta)
         self.stats.block_s += time.perf_counter() - start
         result, row = LoopResult(), 0
-        for i, item in enumerate(items):
+        for i, item in enumerate(step.items):
             row += item.num_new_tokens
             if item.samples:
                 result.final_rows[i] = hidden[row - 1]
         return result
 
-    def _run_with_exits(self, items, slices, token_ids) -> LoopResult:
-        """The walk with exits. The rows of the items still running stay one contiguous tensor
-        (items in ``active`` order, ``sizes`` rows each); it is re-gathered only when items leave or
-        kept tokens join, and so is the attention metadata."""
-        choices = [self.policy_of(it) for it in items]  # fixed for the step
-        kept = {i: list(self.pending.get(it.seq.seq_id, [])) for i, it in enumerate(items)}
-        redo: list[tuple[int, ...]] = [() for _ in items]  # positions re-entered so far, per item
-        active, sizes = list(range(len(items))), [s.num_new for s in slices]
-        hidden = self._embed(token_ids)  # [rows, hidden]
-        result, meta = LoopResult(), None
+    def _run_with_exits(self, step: StepInput) -> LoopResult:
+        items = step.items
+        walk = _Walk(
+            active=list(range(len(items))),
+            sizes=[s.num_new for s in step.slices],
+            hidden=self._embed(step.token_ids),
+            kept=[list(self.pending.get(it.seq.seq_id, [])) for it in items],
+            redo=[() for _ in items],
+        )
+        result = LoopResult()
         for b, (start_layer, end) in enumerate(self.backend.block_ranges):
-            if any(p.depth == start_layer for i in active for p in kept[i]):
-                hidden, sizes = self._join(items, active, sizes, hidden, kept, redo, start_layer)
-                meta = None
-            if meta is None:
-                meta = self._meta([dataclasses.replace(slices[i], redo=redo[i]) for i in active])
+            if any(p.depth == start_layer for i in walk.active for p in walk.kept[i]):
+                self._join(walk, start_layer)
+            if walk.meta is None:
+                walk.meta = self._meta([dataclasses.replace(step.slices[i], redo=walk.redo[i]) for i in walk.active])
             t0 = time.perf_counter()
-            before, hidden = hidden, self.backend.run_block(b, hidden, meta)
+            before, walk.hidden = walk.hidden, self.backend.run_block(b, walk.hidden, walk.meta)
             self.stats.block_s += time.perf_counter() - t0
-            if end not in self.exit_depths:
-                continue
-            ends = list(itertools.accumulate(sizes))  # one past each active item's rows
-            leavers = self._check(items, choices, active, ends, hidden, before, end, result)
-            if not leavers:
-                continue
-            self._fill(items, leavers, active, ends, sizes, hidden, redo, meta, kept, end)
-            stay = [k for k, i in enumerate(active) if i not in leavers]
-            rows = [r for k in stay for r in range(ends[k] - sizes[k], ends[k])]
-            hidden = hidden.index_select(0, torch.tensor(rows, dtype=torch.long))
-            active, sizes, meta = [active[k] for k in stay], [sizes[k] for k in stay], None
-            if not active:
+            if end in self.exit_depths:
+                leavers = self._check(walk, step.choices, before, end, result)
+                if leavers:
+                    self._fill(walk, items, leavers, end)
+                    self._leave(walk, leavers)
+            if not walk.active:
                 break
-        for i, row_end in zip(active, itertools.accumulate(sizes)):
+        for i, row_end in zip(walk.active, walk.ends):
             if items[i].samples:
-                result.final_rows[i] = hidden[row_end - 1]
-            self.release(items[i].seq.seq_id) if not kept[i] else self._keep(items[i], kept[i])
+                result.final_rows[i] = walk.hidden[row_end - 1]
+            self._keep(items[i], walk.kept[i])
         return result
 
-    def _join(self, items, active, sizes, hidden, kept, redo, depth):
+    def _join(self, walk: _Walk, depth: int) -> None:
         """Kept tokens whose K/V stops at ``depth`` re-enter before their item's rows (recompute)."""
-        rows = list(torch.split(hidden, sizes))
-        for k, i in enumerate(active):
-            joins = [p for p in kept[i] if p.depth == depth]
+        rows = list(torch.split(walk.hidden, walk.sizes))
+        for k, i in enumerate(walk.active):
+            joins = [p for p in walk.kept[i] if p.depth == depth]
             if joins:
-                kept[i] = [p for p in kept[i] if p.depth != depth]
+                walk.kept[i] = [p for p in walk.kept[i] if p.depth != depth]
                 rows[k] = torch.cat((torch.stack([p.hidden for p in joins]), rows[k]))
-                redo[i] = tuple(p.position for p in joins) + redo[i]
+                walk.redo[i] = tuple(p.position for p in joins) + walk.redo[i]
                 self.stats.recomputed_rows += len(joins)
-        return torch.cat(rows), [r.shape[0] for r in rows]
+        walk.hidden, walk.sizes, walk.meta = torch.cat(rows), [r.shape[0] for r in rows], None
 
-    def _check(self, items, choices, active, ends, hidden, before, depth, result: LoopResult) -> set[int]:
+    def _check(self, walk: _Walk, choices, before: torch.Tensor, depth: int, result: LoopResult) -> set[int]:
         """Ask each candidate's policy about its newest token; record leavers in ``result``."""
         groups: dict[int, tuple[ExitPolicy, list[int], list[int], list[float]]] = {}
-        for k, i in enumerate(active):
+        for i, row_end in zip(walk.active, walk.ends):
             if choices[i] is not None:
-                policy, threshold = choices[i]
-                group = groups.setdefault(id(policy), (policy, [], [], []))
-                group[1].append(i)
-                group[2].append(ends[k] - 1)
-                group[3].append(threshold)
+                policy, members, rows, thresholds = groups.setdefault(
+                    id(choices[i].policy), (choices[i].policy, [], [], [])
+                )
+                members.append(i)
+                rows.append(row_end - 1)
+                thresholds.append(choices[i].threshold)
         if not groups:
             return set()
         t0 = time.perf_counter()
         leavers: set[int] = set()
-        for policy, members, last_rows, thresholds in groups.values():
-            idx = torch.tensor(last_rows, dtype=torch.long)
-            newest = hidden.index_select(0, idx)  # [m, hidden]
+        for policy, members, rows, thresholds in groups.values():
+            idx = torch.tensor(rows, dtype=torch.long)
+            newest = walk.hidden.index_select(0, idx)  # [m, hidden]
             check = ExitCheck(
                 newest, before.index_select(0, idx), depth, torch.tensor(thresholds, dtype=torch.float32), self.head
             )
             decision = policy.decide(check)
-            for j in decision.leave.nonzero().flatten().tolist():
-                i = members[j]
-                result.exited[i] = (depth, newest[j], decision.row_logits(j))
-                leavers.add(i)
+            for k, j in enumerate(decision.leave.nonzero().flatten().tolist()):
+                logits = None if decision.logits is None else decision.logits[k]
+                result.exited[members[j]] = Exit(depth, newest[j], logits)
+                leavers.add(members[j])
         self.stats.check_s += time.perf_counter() - t0
         return leavers
 
-    def _fill(self, items, leavers, active, ends, sizes, hidden, redo, meta, kept, depth) -> None:
+    def _fill(self, walk: _Walk, items: list[ScheduledSeq], leavers: set[int], depth: int) -> None:
         """K/V of the layers the leavers skip: propagate now, or keep their rows for recompute."""
         t0 = time.perf_counter()
+        ends = walk.ends
         if self.kv_fill == "propagate":
-            idx = torch.tensor([ends[k] - 1 for k, i in enumerate(active) if i in leavers], dtype=torch.long)
+            idx = torch.tensor([ends[k] - 1 for k, i in enumerate(walk.active) if i in leavers], dtype=torch.long)
+            meta = walk.meta
             self.backend.propagate_kv(
-                hidden.index_select(0, idx), meta.cos[idx], meta.sin[idx], meta.slot_mapping[idx], depth
+                walk.hidden.index_select(0, idx), meta.cos[idx], meta.sin[idx], meta.slot_mapping[idx], depth
             )
         else:
-            for k, i in enumerate(active):
-                if i not in leavers:
-                    continue
-                start = items[i].seq.num_computed_tokens
-                positions = redo[i] + tuple(range(start, start + items[i].num_new_tokens))
-                rows = hidden[ends[k] - sizes[k] : ends[k]]
-                self._keep(items[i], kept[i] + [Pending(p, depth, h) for p, h in zip(positions, rows)])
+            for k, i in enumerate(walk.active):
+                if i in leavers:
+                    start = items[i].seq.num_computed_tokens
+                    positions = walk.redo[i] + tuple(range(start, start + items[i].num_new_tokens))
+                    rows = walk.hidden[ends[k] - walk.sizes[k] : ends[k]]
+                    walk.kept[i] = walk.kept[i] + [Pending(p, depth, h) for p, h in zip(positions, rows)]
+                    self._keep(items[i], walk.kept[i])
         self.stats.fill_s += time.perf_counter() - t0
 
+    @staticmethod
+    def _leave(walk: _Walk, leavers: set[int]) -> None:
+        """Take the leavers' rows out of the running sub-batch."""
+        ends = walk.ends
+        stay = [k for k, i in enumerate(walk.active) if i not in leavers]
+        rows = [r for k in stay for r in range(ends[k] - walk.sizes[k], ends[k])]
+        walk.hidden = walk.hidden.index_select(0, torch.tensor(rows, dtype=torch.long))
+        walk.active, walk.sizes = [walk.active[k] for k in stay], [walk.sizes[k] for k in stay]
+        walk.meta = None
+
     def _keep(self, item: ScheduledSeq, pending: list[Pending]) -> None:
-        self.pending[item.seq.seq_id] = sorted(pending, key=lambda p: p.position)
+        if pending:
+            self.pending[item.seq.seq_id] = sorted(pending, key=lambda p: p.position)
+        else:
+            self.release(item.seq.seq_id)

@@ -12,6 +12,7 @@ import torch
 
 from offramp.blocks.factory import build_backend, kv_layout
 from offramp.config import EngineConfig
+from offramp.engine.detokenizer import IncrementalDetokenizer, first_stop
 from offramp.engine.kv_sessions import CacheStats, KVSessionTable
 from offramp.engine.page_manager import PageManager
 from offramp.engine.runner import ModelRunner
@@ -147,9 +148,17 @@ class LLMEngine:
         return self.encode(prompt, chat=not already)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, session_id: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        session_id: str | None = None,
+        detokenize: bool = False,
     ) -> Sequence:
         """Queue a request; raises ``ValueError`` for input the engine cannot serve.
+
+        Its text is decoded as it grows (``seq.detokenizer``) when it has stop strings or when
+        ``detokenize`` asks for it (streaming servers).
 
         With ``session_id`` the request is a turn of a stateful session: ``prompt_token_ids`` are the
         FULL conversation so far (the caller renders every message, e.g. through the chat template),
@@ -186,6 +195,8 @@ class LLMEngine:
         if session_id is not None:
             self.sessions.open(session_id, request_id)  # last check: raises if the session is busy
         seq = Sequence(list(prompt_token_ids), params, request_id=request_id, session_id=session_id)
+        if params.stop or detokenize:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else next(self._seed_counter)
             self._generators[seq.seq_id] = torch.Generator().manual_seed(seed)
@@ -232,41 +243,34 @@ class LLMEngine:
 
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> tuple[list[Sequence], list[Sequence]]:
-        """One iteration. Returns (sequences that got a token, sequences that finished)."""
+        """One iteration: the scheduler picks, the runner runs, the scheduler appends each token with
+        its exit depth, and finished sequences are retired. Returns (sequences that got a token,
+        sequences that finished)."""
         self.sessions.expire()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return [], []
-        result = self.runner.run(batch, self._generators)
-        grown = self.scheduler.postprocess(batch, result.token_ids)
-        for item, depth in zip(batch.scheduled, result.exit_layers):
-            if depth is not None:
-                item.seq.exit_layers.append(depth)
-        now = time.perf_counter()
-        finished = []
-        for seq in grown:
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            reason = self._stop_reason(seq)
-            if reason is not None:
-                self._finish(seq, reason)
-                finished.append(seq)
+        output = self.runner.run(batch, self._generators)
+        grown = self.scheduler.postprocess(batch, output.token_ids, output.exit_layers)
+        finished = [seq for seq in grown if self._finish_if_done(seq)]
         return grown, finished
 
+    def _finish_if_done(self, seq: Sequence) -> bool:
+        reason = self._stop_reason(seq)
+        if reason is not None:
+            self._finish(seq, reason)
+        return reason is not None
+
     def _stop_reason(self, seq: Sequence) -> FinishReason | None:
-        last = seq.output_token_ids[-1]
-        if last in self.eos_ids and not seq.params.ignore_eos:
+        if seq.detokenizer is not None:  # incremental: only the new tokens are decoded
+            seq.detokenizer.add(seq.output_token_ids[len(seq.detokenizer.token_ids) :])
+        if seq.output_token_ids[-1] in self.eos_ids and not seq.params.ignore_eos:
             return FinishReason.STOP
-        if seq.params.stop and self._stop_string_at(seq) is not None:
+        if seq.detokenizer is not None and seq.detokenizer.stop_at is not None:
             return FinishReason.STOP
         if len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
-
-    def _stop_string_at(self, seq: Sequence) -> int | None:
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
-        return min(hits) if hits else None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.is_finished:
@@ -306,9 +310,8 @@ class LLMEngine:
 
     def output_of(self, seq: Sequence, prompt: str | None = None) -> RequestOutput:
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        if seq.params.stop:
-            cut = self._stop_string_at(seq)
-            text = text if cut is None else text[:cut]
+        cut = first_stop(text, seq.params.stop) if seq.params.stop else None
+        text = text if cut is None else text[:cut]
         end = seq.finish_time or time.perf_counter()
         return RequestOutput(
             request_id=seq.request_id,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from offramp.blocks.base import BlockBackend
 from offramp.config import EngineConfig
-from offramp.engine.block_loop import BlockLoop
+from offramp.engine.block_loop import BlockLoop, ExitChoice, LoopResult, LoopStats, StepInput
 from offramp.engine.page_manager import PageManager
 from offramp.engine.sampling import Sampler
 from offramp.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -53,14 +53,17 @@ class ModelRunner:
             config.exit_depths(self.num_layers),
             config.kv_fill,
             self.head,
-            self._exit_choice,
         )
 
     @property
-    def stats(self):
+    def stats(self) -> LoopStats:
         return self.loop.stats
 
+    def reset_stats(self) -> None:
+        self.loop.stats = LoopStats()
+
     def policy(self, name: str) -> ExitPolicy:
+        """The policy called ``name`` (built once; raises ``ValueError`` if it cannot run)."""
         if name not in self._policies:
             path = None if self.config.exit_classifier is None else Path(self.config.exit_classifier)
             policy = make_policy(name, path)
@@ -68,17 +71,6 @@ class ModelRunner:
                 policy = GatedExit(make_policy(self.config.exit_gate, path), self.config.exit_gate_threshold, policy)
             self._policies[name] = policy
         return self._policies[name]
-
-    def _exit_choice(self, item: ScheduledSeq) -> tuple[ExitPolicy, float] | None:
-        """The item's (policy, threshold) if its token may leave early: decode tokens only."""
-        seq = item.seq
-        name = seq.params.exit_policy or self.config.exit_policy
-        if name == "none" or item.num_new_tokens != 1 or not item.samples:
-            return None  # prompt chunks and recomputation after preemption run full depth
-        if seq.num_computed_tokens < seq.num_prompt_tokens:
-            return None
-        threshold = seq.params.exit_threshold
-        return self.policy(name), self.config.exit_threshold if threshold is None else threshold
 
     def release(self, seq_id: int) -> None:
         self.loop.release(seq_id)
@@ -90,51 +82,66 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput, generators: dict[int, torch.Generator]) -> RunnerOutput:
-        # Decoding sequences first: they form one attention group.
+        """One step: inputs (decode rows first, each row's exit choice), the walk down the blocks,
+        logits, sampling."""
         order = sorted(range(len(batch.scheduled)), key=lambda i: batch.scheduled[i].num_new_tokens != 1)
-        items = [batch.scheduled[i] for i in order]
+        step = self._prepare([batch.scheduled[i] for i in order])
+        walked = self.loop.run(step)
+        rows, logits, depths = self._logits(walked)  # rows: the step's items that sample
+        params = [step.items[i].seq.params for i in rows]
+        tokens = self.sampler(logits, params, [generators.get(step.items[i].seq.seq_id) for i in rows]) if rows else []
+        return self._output(order, rows, tokens, depths)
+
+    def _prepare(self, items: list[ScheduledSeq]) -> StepInput:
         slices, token_ids = [], []
         for item in items:
             start = item.seq.num_computed_tokens
             slices.append(SeqSlice(start, item.num_new_tokens, self.pages.page_table(item.seq.seq_id)))
             token_ids.extend(item.seq.token_ids(start, start + item.num_new_tokens))
-        result = self.loop.run(items, slices, token_ids)
-        logits: dict[int, torch.Tensor] = {}
-        depths: dict[int, int] = {i: self.num_layers for i in result.final_rows}
-        heads_in: dict[int, torch.Tensor] = dict(result.final_rows)  # rows the final LM head reads
-        by_depth: dict[int, list[int]] = {}
-        for i, (depth, _, row) in result.exited.items():
-            depths[i] = depth
-            if row is not None:  # the policy already computed this row's logits
-                logits[i] = row
-            else:
-                by_depth.setdefault(depth, []).append(i)
-        for depth, members in by_depth.items():  # each depth's shortcut on its leavers: [m, hidden]
-            moved = self.head.transform(torch.stack([result.exited[i][1] for i in members]), depth)
-            heads_in.update(zip(members, moved))
-        if heads_in:  # one LM head call for every row, whatever its depth
-            owners = sorted(heads_in)
-            final = final_logits(self.weights, torch.stack([heads_in[i] for i in owners]))  # [k, vocab]
-            logits.update(zip(owners, final))
-        return self._sample(order, items, logits, depths, generators)
+        return StepInput(items, slices, token_ids, [self._exit_choice(item) for item in items])
 
-    def _sample(self, order, items, logits, depths, generators) -> RunnerOutput:
-        sampling = sorted(logits)
-        tokens: list[int | None] = [None] * len(items)
-        if sampling:
-            picked = self.sampler(
-                torch.stack([logits[i] for i in sampling]),
-                [items[i].seq.params for i in sampling],
-                [generators.get(items[i].seq.seq_id) for i in sampling],
-            )
-            for i, token in zip(sampling, picked):
-                tokens[i] = token
-        result: list[int | None] = [None] * len(items)
-        exit_layers: list[int | None] = [None] * len(items)
-        for pos, i in enumerate(order):
-            result[i] = tokens[pos]
-            exit_layers[i] = depths.get(pos) if tokens[pos] is not None else None
-        return RunnerOutput(result, exit_layers)
+    def _exit_choice(self, item: ScheduledSeq) -> ExitChoice | None:
+        """The item's policy and threshold if its token may leave early: decode tokens only."""
+        seq = item.seq
+        name = seq.params.exit_policy or self.config.exit_policy
+        if name == "none" or item.num_new_tokens != 1 or not item.samples:
+            return None  # prompt chunks and recomputation after preemption run full depth
+        if seq.num_computed_tokens < seq.num_prompt_tokens:
+            return None
+        threshold = seq.params.exit_threshold
+        return ExitChoice(self.policy(name), self.config.exit_threshold if threshold is None else threshold)
+
+    def _logits(self, walked: LoopResult) -> tuple[list[int], torch.Tensor, list[int]]:
+        """The one place that makes next-token logits: for the rows that sample, (their item indices,
+        logits [k, vocab], depth each left at). Exited rows first go through their depth's exit head
+        shortcut; then one LM head call serves every row, whatever its depth. Logits a policy
+        already computed to decide (softmax) are reused."""
+        made = {i: e.logits for i, e in walked.exited.items() if e.logits is not None}
+        heads_in: dict[int, torch.Tensor] = dict(walked.final_rows)  # item -> [hidden] the LM head reads
+        by_depth: dict[int, list[int]] = {}
+        for i, e in walked.exited.items():
+            if e.logits is None:
+                by_depth.setdefault(e.depth, []).append(i)
+        for depth, members in by_depth.items():  # [m, hidden] each depth's leavers through its shortcut
+            moved = self.head.transform(torch.stack([walked.exited[i].hidden for i in members]), depth)
+            heads_in.update(zip(members, moved))
+        if heads_in:
+            owners = sorted(heads_in)
+            made.update(zip(owners, final_logits(self.weights, torch.stack([heads_in[i] for i in owners]))))
+        rows = sorted(made)
+        depths = [walked.exited[i].depth if i in walked.exited else self.num_layers for i in rows]
+        logits = torch.stack([made[i] for i in rows]) if rows else torch.empty(0)  # [k, vocab]
+        return rows, logits, depths
+
+    @staticmethod
+    def _output(order: list[int], rows: list[int], tokens: list[int], depths: list[int]) -> RunnerOutput:
+        """Back in the scheduler's order: each scheduled sequence's token and exit depth (None: no
+        token this step, a prompt chunk that does not reach the end)."""
+        token_ids: list[int | None] = [None] * len(order)
+        exit_layers: list[int | None] = [None] * len(order)
+        for row, token, depth in zip(rows, tokens, depths):
+            token_ids[order[row]], exit_layers[order[row]] = token, depth
+        return RunnerOutput(token_ids, exit_layers)
 
     @torch.inference_mode()
     def full_depth_hidden(

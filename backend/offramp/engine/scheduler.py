@@ -17,6 +17,7 @@ preempted.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -214,10 +215,13 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def postprocess(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
-        """Account the step's work; append sampled tokens. Returns the sequences that got a token."""
-        grown = []
-        for item, token in zip(out.scheduled, sampled):
+    def postprocess(
+        self, out: SchedulerOutput, sampled: list[int | None], exit_layers: list[int | None]
+    ) -> list[Sequence]:
+        """Account the step's work; append each sampled token with the depth it left at. Returns the
+        sequences that got a token."""
+        grown, now = [], time.perf_counter()
+        for item, token, depth in zip(out.scheduled, sampled, exit_layers):
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
             seq.num_run_tokens += item.num_new_tokens
@@ -225,6 +229,9 @@ class Scheduler:
                 self._register(seq)
             if token is not None:
                 seq.output_token_ids.append(token)
+                seq.exit_layers.append(depth)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
                 grown.append(seq)
         return grown
 

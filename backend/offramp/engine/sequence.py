@@ -7,6 +7,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from offramp.engine.detokenizer import IncrementalDetokenizer
 from offramp.engine.sampling import SamplingParams
 
 _ids = itertools.count()
@@ -47,6 +48,7 @@ class Sequence:
     prefix_keys: list[bytes] | None = None  # prefix-registry keys of the prompt's full pages (lazy)
     num_registered_pages: int = 0  # pages below this index are registered or were reused
     num_prefix_waits: int = 0  # steps spent waiting for another sequence to compute a shared prefix
+    detokenizer: IncrementalDetokenizer | None = None  # text so far, for stop strings and streaming
 
     @property
     def num_tokens(self) -> int:

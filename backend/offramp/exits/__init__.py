@@ -1,5 +1,6 @@
 """Early exit: heads that turn an intermediate hidden state into logits, and the policies that decide."""
 
+from offramp.exits.heads import ExitHead, IdentityHead, LowRankHead
 from offramp.exits.policies import (
     ClassifierExit,
     ExitCheck,
@@ -11,7 +12,6 @@ from offramp.exits.policies import (
     SoftmaxExit,
     make_policy,
 )
-from offramp.exits.heads import ExitHead, IdentityHead, LowRankHead
 
 __all__ = [
     "ClassifierExit",

@@ -30,16 +30,11 @@ class ExitCheck:
 
 @dataclass(slots=True)
 class ExitDecision:
-    leave: torch.Tensor  # [n] bool
-    logits: torch.Tensor | None = None  # [len(logit_rows) or n, vocab] when the policy computed them
-    logit_rows: list[int] | None = None  # which rows ``logits`` belong to; None = all rows
+    """Which rows leave; a policy that had to compute the head's logits to decide hands over those of
+    the leavers (in row order), so they are not computed twice."""
 
-    def row_logits(self, row: int) -> torch.Tensor | None:
-        if self.logits is None:
-            return None
-        if self.logit_rows is None:
-            return self.logits[row]
-        return self.logits[self.logit_rows.index(row)] if row in self.logit_rows else None
+    leave: torch.Tensor  # [n] bool
+    logits: torch.Tensor | None = None  # [number of leavers, vocab] f32, or None
 
 
 class ExitPolicy(ABC):
@@ -70,7 +65,8 @@ class SoftmaxExit(ExitPolicy):
         logits = check.head.logits(check.hidden, check.layer)  # [n, vocab]
         top = logits.softmax(-1).topk(2, dim=-1).values  # [n, 2]
         score = top[:, 0] - top[:, 1] if self.margin else top[:, 0]
-        return ExitDecision(score >= check.thresholds, logits)
+        leave = score >= check.thresholds
+        return ExitDecision(leave, logits[leave])
 
 
 class SimilarityExit(ExitPolicy):
@@ -92,7 +88,7 @@ class ClassifierExit(ExitPolicy):
 
     name = "classifier"
 
-    def __init__(self, path: Path, dtype: torch.dtype) -> None:
+    def __init__(self, path: Path) -> None:
         from safetensors.torch import load_file
 
         if not Path(path).is_file():
@@ -136,10 +132,10 @@ class GatedExit(ExitPolicy):
         sub = ExitCheck(check.hidden[rows], check.hidden_before[rows], check.layer, check.thresholds[rows], check.head)
         decision = self.confirm.decide(sub)
         leave[rows] = decision.leave
-        return ExitDecision(leave, decision.logits, rows.tolist() if decision.logits is not None else None)
+        return ExitDecision(leave, decision.logits)  # rows ascend, so the leavers' order is kept
 
 
-def make_policy(name: str, classifier_path: Path | None = None, dtype: torch.dtype = torch.float32) -> ExitPolicy:
+def make_policy(name: str, classifier_path: Path | None = None) -> ExitPolicy:
     if name == "none":
         return NoExit()
     if name == "softmax":
@@ -149,5 +145,5 @@ def make_policy(name: str, classifier_path: Path | None = None, dtype: torch.dty
     if name == "classifier":
         if classifier_path is None:
             raise ValueError("exit_policy: 'classifier' needs a trained classifier file (exit_classifier)")
-        return ClassifierExit(classifier_path, dtype)
+        return ClassifierExit(classifier_path)
     raise ValueError(f"exit_policy: {name!r} is not one of {', '.join(EXIT_POLICIES)}")

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from offramp.engine.llm_engine import LLMEngine
 from offramp.engine.sequence import Sequence
-from offramp.serving.detokenizer import IncrementalDetokenizer
 from offramp.serving.requests import GenerateRequest, RequestError
 
 
@@ -43,7 +42,6 @@ class RequestHandle:
     emit: Callable[[StreamEvent], None]
     is_cancelled: Callable[[], bool] = lambda: False
     prompt_token_ids: list[int] = field(default_factory=list)
-    detokenizer: IncrementalDetokenizer | None = None
     seq: Sequence | None = None
     emitted_tokens: int = 0
     session_id: str | None = None  # a turn of this stateful session (see LLMEngine.add_request)
@@ -212,9 +210,8 @@ class AsyncEngine:
             try:
                 req = handle.request
                 handle.prompt_token_ids = self.engine.encode_for_serving(req.prompt)
-                handle.detokenizer = IncrementalDetokenizer(self.engine.tokenizer, req.params.stop)
                 handle.seq = self.engine.add_request(
-                    handle.request_id, handle.prompt_token_ids, req.params, session_id=handle.session_id
+                    handle.request_id, handle.prompt_token_ids, req.params, handle.session_id, detokenize=True
                 )
                 self._live[handle.request_id] = handle
             except Exception as exc:  # bad input -> invalid; anything else -> internal, this request only
@@ -293,18 +290,17 @@ class AsyncEngine:
 
     def _stream(self, handle: RequestHandle) -> None:
         tokens, exits = self._new_tokens(handle)
-        text = handle.detokenizer.add(tokens)
+        text = handle.seq.detokenizer.take()  # the engine decoded the new tokens in its step
         if text or tokens:
             handle.emit(self._event(handle, text, tokens, exits))
 
     def _final(self, handle: RequestHandle) -> None:
         tokens, exits = self._new_tokens(handle)
-        text = handle.detokenizer.add(tokens) + handle.detokenizer.flush()
+        detok = handle.seq.detokenizer
+        text = detok.take() + detok.flush()
         if not handle.request.stream:  # one response: the whole text and every token
             tokens, exits = list(handle.seq.output_token_ids), list(handle.seq.exit_layers)
-            text = handle.detokenizer.text
-            cut = min((i for i in (text.find(s) for s in handle.request.params.stop) if i >= 0), default=-1)
-            text = text if cut < 0 else text[:cut]
+            text = detok.final_text
             if not handle.request.exclude_input_in_output:
                 text = handle.request.prompt + text
         event = self._event(handle, text, tokens, exits)

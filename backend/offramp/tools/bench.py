@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from offramp.engine.block_loop import LoopStats
 from offramp.engine.llm_engine import LLMEngine
 from offramp.engine.sampling import SamplingParams
 from offramp.engine.sequence import Sequence
@@ -51,7 +50,7 @@ def run_engine(
     """Keep ``concurrency`` requests in flight until all are done. Returns metrics and outputs."""
     params = params or SamplingParams(max_tokens=max_tokens)
     engine.generate([prompt_ids[0][:8]], SamplingParams(max_tokens=4))  # warm-up
-    engine.runner.loop.stats = LoopStats()
+    engine.runner.reset_stats()
     pending = list(enumerate(prompt_ids))
     done: dict[int, Sequence] = {}
     inflight: dict[str, int] = {}

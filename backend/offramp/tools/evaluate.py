@@ -133,7 +133,7 @@ def evaluate(engine: LLMEngine, held: Activations, cfg: EvalConfig, progress: bo
     for name, head in _heads(w, cal_dir).items():
         classifier = None
         if name == classifier_head and classifier_path.is_file():
-            classifier = ClassifierExit(classifier_path, torch.float32)
+            classifier = ClassifierExit(classifier_path)
         per_head[name], simulators[name] = _head_report(
             w, name, head, held, depths, exit_depths, full, classifier, cfg, progress
         )

@@ -198,7 +198,7 @@ def calibrate_thresholds(
 ) -> dict:
     """Per policy and target: the chosen threshold (``pick_threshold``) and a sweep.
     ``outputs``: the serving head at the exit depths on the held-out activations."""
-    scores = policy_scores(outputs, held, ClassifierExit(classifier, torch.float32))
+    scores = policy_scores(outputs, held, ClassifierExit(classifier))
     result: dict = {"policies": {}, "sweep": {}, "from_depth": {}}
     for policy in POLICIES:
         runs = sweep(policy, scores[policy], outputs, full, costs)
