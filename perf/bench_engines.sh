@@ -12,7 +12,7 @@ for c in 16 1; do
   for exits in "--exit-policy none" "--exit-policy softmax --exit-threshold 0.5 --min-exit-layer 20"; do
     for engine in torch onnxruntime; do
       # shellcheck disable=SC2086
-      "$BIN" bench --engine "$engine" --export-dir "$EXPORT" --num-threads 2 --concurrency "$c" --num-requests "$n" \
+      "$BIN" bench --backend "$engine" --export-dir "$EXPORT" --num-threads 2 --concurrency "$c" --num-requests "$n" \
         --max-tokens 64 $exits --json --output "$OUT" | tail -1
     done
   done

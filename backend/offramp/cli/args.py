@@ -61,20 +61,28 @@ def add_config_flags(
             continue
         kind, scale = _base_type(hints[f.name]), f.metadata.get("scale", 1)
         default = None if overrides or f.default is None else f.default // scale if scale != 1 else f.default
+        parse = int_list if kind is tuple else kind
         kwargs = {"dest": _dest(f), "default": default, "help": f.metadata["help"]}
         if kind is bool:
             group.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(flag_name(f), type=int_list if kind is tuple else kind, **kwargs)
+        group.add_argument(flag_name(f), type=parse, **kwargs)
+        if f.name in RENAMED.values():  # its old name too
+            old = next(o for o, n in RENAMED.items() if n == f.name)
+            metavar = flag_name(f)
+            group.add_argument(
+                "--" + old.replace("_", "-"),
+                dest=f.name,
+                type=parse,
+                action=_Renamed,
+                metavar=metavar,
+                help=argparse.SUPPRESS,
+            )
     wanted = {f.name for f in fields(cls) if only is None or f.name in only}
     if "use_chat_template" in wanted:
         group.add_argument("--raw", dest="use_chat_template", action="store_false", help="= --no-use-chat-template")
-    for old, new in RENAMED.items():
-        if new in wanted:
-            flag, metavar = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
-            group.add_argument(flag, dest=new, action=_Renamed, metavar=metavar, help=argparse.SUPPRESS)
 
 
 def config_values(args: argparse.Namespace, cls: type, *, skip_unset: bool = False) -> dict:

@@ -98,6 +98,11 @@ class AsyncEngine:
         self._deadline: float | None = None
         self._thread = threading.Thread(target=self._loop, name="offramp-engine", daemon=True)
 
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer (once ``start`` has built the engine)."""
+        return self.engine.tokenizer
+
     def start(self) -> None:
         """Start the engine thread; returns once the engine is built (re-raising a load error)."""
         self._thread.start()

@@ -124,6 +124,11 @@ class ModelAdapter:
         if self.metrics is not None:
             self.metrics.update(stats)
 
+    @property
+    def tokenizer(self):
+        """The served model's tokenizer (the chat model renders conversations with it)."""
+        return self.engine.tokenizer
+
     def stop(self) -> None:
         """Drain in-flight requests (every one gets its final response), then stop both threads."""
         self.engine.shutdown()

@@ -9,7 +9,7 @@
 3. Exit classifiers: per exit depth, ``sigmoid(w . layer_norm(h) + b)`` (no affine), trained with
    BCE to predict whether the *serving head's* greedy token equals the full model's.
 4. Thresholds: per policy and target agreement, the smallest threshold whose simulated exits on the
-   held-out activations keep agreement >= target (``evaluate.py``).
+   held-out activations keep agreement >= target (``exit_sim.py``).
 
 Writes the heads (``--exit-head``), ``classifier.safetensors`` (``--exit-classifier``),
 ``calibration.json`` and ``engine.calibrated.json``. Each safetensors file records its settings; a
@@ -33,7 +33,7 @@ from offramp.engine.llm_engine import LLMEngine
 from offramp.exits import ExitHead, IdentityHead, LowRankHead
 from offramp.model.decoder import ModelWeights, final_logits, rms_norm
 from offramp.serving.serving_config import ServingConfig, load_serving_config, server_keys
-from offramp.tools import exit_sim as ev
+from offramp.tools import exit_sim
 from offramp.tools.activations import (
     Activations,
     load_or_collect,
@@ -267,8 +267,8 @@ def _classifier(run: _Run, train: Activations, exit_depths: list[int], head_name
     head = load_head(w, head_name, run.out_dir)
     rows = _classifier_rows(train.num_tokens, cfg.seed)
     sub = dataclasses.replace(train, at_depth={d: train.at_depth[d][rows] for d in exit_depths})
-    outputs = ev.head_outputs(w, head, sub, exit_depths, run.progress, "classifier labels")
-    correct = outputs.tokens == ev.full_tokens(w, train.final[rows])  # [D, n]
+    outputs = exit_sim.head_outputs(w, head, sub, exit_depths, run.progress, "classifier labels")
+    correct = outputs.tokens == exit_sim.full_tokens(w, train.final[rows])  # [D, n]
     tensors = {}
     for i, d in enumerate(exit_depths):
         tensors[f"weight.{d}"], tensors[f"bias.{d}"] = train_classifier(sub.at_depth[d], correct[i], cfg)
@@ -342,18 +342,18 @@ def calibrate(
 def _finish(engine, held, report: CalibrationReport, out_dir: Path, serve_head: str, targets) -> None:
     """Held-out agreement per head, thresholds for the serving head; write the engine config and report."""
     w = engine.weights
-    full = ev.full_tokens(w, held.final)
+    full = exit_sim.full_tokens(w, held.final)
     for name in HEADS:
         head = load_head(w, name, out_dir)
-        outputs = ev.head_outputs(w, head, held, report.depths, progress=False)
-        report.agreement[name] = ev.agreement_by_depth(outputs, full)
+        outputs = exit_sim.head_outputs(w, head, held, report.depths, progress=False)
+        report.agreement[name] = exit_sim.agreement_by_depth(outputs, full)
         if name == serve_head:
-            serving = (outputs.at(report.exit_depths), ev.exit_costs(w, head))
+            serving = (outputs.at(report.exit_depths), exit_sim.exit_costs(w, head))
     report.params = {k: sum(t.numel() for t in load_file(str(out_dir / FILES[k])).values()) for k in HEADS[1:]}
     classifier = out_dir / FILES["classifier"]
     report.thresholds = {"exit_head": serve_head, "targets": list(targets)}
-    report.thresholds |= ev.calibrate_thresholds(held, serving[0], full, serving[1], classifier, targets)
-    chosen = ev.choose_policy(report.thresholds, targets[0])
+    report.thresholds |= exit_sim.calibrate_thresholds(held, serving[0], full, serving[1], classifier, targets)
+    chosen = exit_sim.choose_policy(report.thresholds, targets[0])
     head_path = None if serve_head == "identity" else out_dir / FILES[serve_head]
     settings = engine_json(engine, chosen, head_path, classifier)
     (out_dir / FILES["engine"]).write_text(json.dumps(settings, indent=1) + "\n")

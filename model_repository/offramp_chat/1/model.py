@@ -24,7 +24,7 @@ class TritonPythonModel:
     def initialize(self, args):
         self.adapter = ModelAdapter(pb_utils, args, extra_outputs=("num_cached_tokens",))
         config = self.adapter.config
-        render = chat_renderer(self.adapter.engine.engine.tokenizer, config.engine.use_chat_template)
+        render = chat_renderer(self.adapter.tokenizer, config.engine.use_chat_template)
         self.chats = Conversations(
             self.adapter.engine, render, config.engine.session_idle_timeout_s, config.max_queued_requests
         )
