@@ -1,12 +1,20 @@
-"""Shared fixtures: tiny random Llama-family checkpoints built here, and the default model."""
+"""Shared fixtures: tiny random Llama-family checkpoints built here, the default model, and a check
+at the end of the session that the suite left no server process behind."""
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
+
+from live_server import SUITE_ENV, all_processes, is_server_process, kill_all, suite_token, wait_gone
+
+# Every process this run starts inherits the token: the end-of-run check finds exactly those.
+os.environ[SUITE_ENV] = uuid.uuid4().hex
 
 TINY_WORDS = [f"w{i}" for i in range(120)]
 
@@ -52,6 +60,23 @@ def build_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, num_l
     model.save_pretrained(path)
     _tiny_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_server_left_behind():
+    """Fails the run if a ``tritonserver``, Python-backend stub, ``offramp serve`` or OpenAI gateway
+    that this run started (and that was not there before it) is still alive at its end (after a
+    bounded wait for a shutdown in progress); kills what it finds, so a leak never outlives the run."""
+    token = os.environ[SUITE_ENV]
+    before = {p for p in all_processes() if is_server_process(p)}
+    yield
+    ours = {p for p in all_processes() if is_server_process(p) and p not in before and suite_token(p.pid) == token}
+    left = wait_gone(ours, 60)
+    if left:
+        kill_all(left)
+        pytest.fail(
+            f"the test run left server processes behind: {sorted((p.pid, ' '.join(p.argv)[:120]) for p in left)}"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from offramp.serving.serving_config import ServingConfig, load_serving_config
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"offramp": ROOT / "backend/offramp", "offramp_export": ROOT / "export/offramp_export"}
 PACKAGES["offramp_client"] = ROOT / "client/offramp_client"
+PACKAGES["offramp_gateway"] = ROOT / "gateway/offramp_gateway"
 
 # Which layer may import which (a layer may always import itself). ``offramp/__init__.py`` is the
 # public facade and may re-export from any layer, so it is not a node here.
@@ -42,13 +43,14 @@ ALLOWED = {
         "offramp_export",
     },
     "offramp_client": set(),
+    "offramp_gateway": {"offramp.config", "offramp.model"},  # the tokenizer, for multi-message chats
 }
 
 
 def _node(module: str) -> str | None:
     """The layer a dotted module belongs to (``offramp.engine.runner`` -> ``offramp.engine``)."""
     parts = module.split(".")
-    if parts[0] in ("offramp_export", "offramp_client"):
+    if parts[0] in ("offramp_export", "offramp_client", "offramp_gateway"):
         return parts[0]
     if parts[0] != "offramp" or len(parts) < 2:
         return None

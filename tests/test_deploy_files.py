@@ -1,10 +1,17 @@
-"""Deployment files that cannot run here (no Docker engine, no GPU) still parse and say the right things."""
+"""Deployment files that cannot run here (no Docker engine, no GPU) pass real validators (hadolint,
+the Compose specification's JSON schema) and say the right things."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,3 +69,58 @@ def test_chat_model_config_is_sequence_batched_with_the_same_tensors():
             assert line.strip().rstrip(",") in chat, line
     engine = json.loads((REPO / "model_repository" / "offramp_chat" / "1" / "engine.json").read_text())
     assert engine == json.loads((REPO / "model_repository" / "offramp" / "1" / "engine.json").read_text())
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed (it is in the dev extra of pyproject.toml)")
+    return path
+
+
+def test_dockerfile_passes_hadolint():
+    result = subprocess.run([_tool("hadolint"), str(REPO / "docker" / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_file_passes_the_compose_specification_schema():
+    cmd = [_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(REPO / "docker-compose.yml")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_copies_every_package_the_engines_import():
+    where = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["where"]
+    copied = set(re.findall(r"^COPY (\S+) \./\1$", (REPO / "docker" / "Dockerfile").read_text(), re.M))
+    assert set(where) <= copied, f"the image does not copy {sorted(set(where) - copied)}"
+
+
+def test_gpu_settings_use_the_gpu():
+    from offramp.serving.serving_config import load_serving_config
+    from offramp.serving.triton_adapter import instance_device
+
+    cfg = load_serving_config(REPO / "docker" / "engine.gpu.json")
+    assert cfg.engine.device == "cuda" and cfg.engine.dtype == "bfloat16" and 0 < cfg.engine.kv_budget_fraction < 1
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert "KIND_GPU" in dockerfile and "engine.gpu.json /models/offramp/1/engine.json" in dockerfile
+    gpu_instance = {"model_instance_kind": "GPU", "model_instance_device_id": "2"}
+    assert instance_device(gpu_instance, "cuda") == "cuda:2" and instance_device(gpu_instance, None) == "cuda:2"
+    assert instance_device(gpu_instance, "cuda:1") == "cuda:1"  # engine.json's own choice stands
+    assert instance_device({"model_instance_kind": "CPU"}, None) is None
+
+
+def test_kubernetes_manifests_pass_the_kubernetes_schemas():
+    manifests = sorted((REPO / "deploy").glob("*.yaml"))
+    assert manifests
+    result = subprocess.run(
+        [_tool("kubernetes-validate"), "--strict", *map(str, manifests)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = {doc["kind"] for path in manifests for doc in yaml.safe_load_all(path.read_text()) if doc}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds
+    deployment = next(
+        d for p in manifests for d in yaml.safe_load_all(p.read_text()) if d and d["kind"] == "Deployment"
+    )
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/ready"

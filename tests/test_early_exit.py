@@ -19,8 +19,9 @@ def _engine(tiny_models, **kwargs) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4, **kwargs))
 
 
-def _forced(min_layer: int) -> SamplingParams:
-    # Cosine similarity is always >= -1: every decode token leaves at the first exit point it reaches.
+def _leave_first_chance() -> SamplingParams:
+    """Cosine similarity is always >= -1: every decode token leaves at the first exit point it
+    reaches, which the ENGINE sets (its ``min_exit_layer`` / ``exit_points``), not the request."""
     return SamplingParams(max_tokens=MAX_NEW, exit_policy="similarity", exit_threshold=-1.0)
 
 
@@ -35,12 +36,12 @@ def test_threshold_never_met_is_identical_to_full_depth(tiny_models):
 @pytest.mark.parametrize("min_exit_layer", [1, 2, 3])
 def test_forced_exits_are_honoured_and_batching_does_not_change_them(tiny_models, min_exit_layer):
     batched = _engine(tiny_models, min_exit_layer=min_exit_layer)
-    outs = batched.generate(PROMPTS, _forced(min_exit_layer))
+    outs = batched.generate(PROMPTS, _leave_first_chance())
     single = _engine(tiny_models, min_exit_layer=min_exit_layer, max_num_seqs=1)
     for prompt, out in zip(PROMPTS, outs):
         # The first token comes from the prompt's prefill, which always runs full depth.
         assert out.exit_layers == [4] + [min_exit_layer] * (MAX_NEW - 1)
-        assert single.generate([prompt], _forced(min_exit_layer))[0].token_ids == out.token_ids
+        assert single.generate([prompt], _leave_first_chance())[0].token_ids == out.token_ids
     full = batched.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW))
     assert any(o.token_ids != f.token_ids for o, f in zip(outs, full)), "exits at layer 1-3 changed nothing"
     batched.pages.check_invariants()
@@ -49,15 +50,22 @@ def test_forced_exits_are_honoured_and_batching_does_not_change_them(tiny_models
 
 def test_exit_points_and_min_exit_layer_select_depths(tiny_models):
     engine = _engine(tiny_models, exit_points=(3,))
-    out = engine.generate([PROMPTS[1]], _forced(3))[0]
-    assert out.exit_layers == [4] + [3] * (MAX_NEW - 1)
+    out = engine.generate([PROMPTS[1]], _leave_first_chance())[0]
+    assert out.exit_layers == [4] + [3] * (MAX_NEW - 1)  # the only exit point, not min_exit_layer 1
+    later = _engine(tiny_models, exit_points=(1, 3), min_exit_layer=2)
+    assert later.generate([PROMPTS[1]], _leave_first_chance())[0].exit_layers == [4] + [3] * (MAX_NEW - 1)
     with pytest.raises(ValueError, match="exit_points"):
         _engine(tiny_models, layers_per_block=2, exit_points=(3,))
 
 
 def test_per_request_policy_in_one_batch(tiny_models):
     engine = _engine(tiny_models, min_exit_layer=2)
-    params = [_forced(2), SamplingParams(max_tokens=MAX_NEW), _forced(2), SamplingParams(max_tokens=MAX_NEW)]
+    params = [
+        _leave_first_chance(),
+        SamplingParams(max_tokens=MAX_NEW),
+        _leave_first_chance(),
+        SamplingParams(max_tokens=MAX_NEW),
+    ]
     outs = engine.generate(PROMPTS, params)
     assert outs[0].exit_layers[1:] == [2] * (MAX_NEW - 1) and outs[2].exit_layers[1:] == [2] * (MAX_NEW - 1)
     assert outs[1].exit_layers == [4] * MAX_NEW and outs[3].exit_layers == [4] * MAX_NEW
@@ -243,7 +251,61 @@ def test_full_depth_tokens_under_recompute_are_exact(tiny_models, kv_fill):
         agree_full += [ok for ok, d in zip(agreement, out.exit_layers) if d == 4]
     if kv_fill == "recompute":
         assert all(agree_full), f"{agree_full.count(False)} full-depth tokens differ from the full model"
+    else:  # propagate: every token is what a plain re-implementation of CALM's propagation picks
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+        for prompt, out in zip(PROMPTS, outs):
+            picks = _propagate_reference(hf, prompt, out.token_ids, out.exit_layers)
+            wrong = [i for i, (a, b) in enumerate(zip(picks, out.token_ids)) if a != b]
+            assert not wrong, f"tokens {wrong} differ from the reference (exit depths {out.exit_layers})"
     assert engine.pages.num_used_pages == 0 and not engine.runner.loop.pending
+
+
+def _propagate_reference(hf, prompt: list[int], tokens: list[int], depths: list[int]) -> list[int]:
+    """Greedy picks, teacher-forced along ``tokens``, of decoding with propagated K/V written from
+    scratch over the HF model's modules (one position at a time, K/V kept per layer): the prompt runs
+    full depth; output token i-1 runs the layers below ``depths[i]``, writes K/V projected from that
+    hidden state into every layer it skipped, and its next token is read by the final norm and LM
+    head (the identity exit head)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    m, cfg = hf.model, hf.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    keys: list[list[torch.Tensor]] = [[] for _ in m.layers]  # per layer: [1, kv_heads, 1, head_dim] each
+    values: list[list[torch.Tensor]] = [[] for _ in m.layers]
+
+    def kv(layer, x, cos, sin):
+        k = layer.self_attn.k_proj(x).view(1, 1, -1, head_dim).transpose(1, 2)
+        v = layer.self_attn.v_proj(x).view(1, 1, -1, head_dim).transpose(1, 2)
+        return apply_rotary_pos_emb(k, k, cos, sin)[1], v
+
+    def run(token: int, pos: int, depth: int) -> int:
+        h = m.embed_tokens(torch.tensor([[token]]))  # [1, 1, hidden]
+        cos, sin = m.rotary_emb(h, torch.tensor([[pos]]))
+        for i, layer in enumerate(m.layers):
+            x = layer.input_layernorm(h)
+            k, v = kv(layer, x, cos, sin)
+            keys[i].append(k)
+            values[i].append(v)
+            if i >= depth:
+                continue  # skipped: only its K/V, projected from the exit hidden state (h stays)
+            q = layer.self_attn.q_proj(x).view(1, 1, -1, head_dim).transpose(1, 2)
+            q = apply_rotary_pos_emb(q, q, cos, sin)[0]
+            groups = cfg.num_attention_heads // cfg.num_key_value_heads
+            key = torch.cat(keys[i], dim=2).repeat_interleave(groups, dim=1)
+            value = torch.cat(values[i], dim=2).repeat_interleave(groups, dim=1)
+            att = torch.nn.functional.scaled_dot_product_attention(q, key, value)  # one query: no mask
+            h = h + layer.self_attn.o_proj(att.transpose(1, 2).reshape(1, 1, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return int(hf.lm_head(m.norm(h))[0, -1].argmax())  # h: the exit hidden state
+
+    num_layers = len(m.layers)
+    with torch.inference_mode():
+        for pos, token in enumerate(prompt[:-1]):
+            run(token, pos, num_layers)
+        inputs = [prompt[-1], *tokens[:-1]]  # the token each step ran on, with its depth
+        return [run(token, len(prompt) - 1 + i, depth) for i, (token, depth) in enumerate(zip(inputs, depths))]
 
 
 def test_low_rank_head_from_file(tiny_models, tmp_path):

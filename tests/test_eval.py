@@ -19,6 +19,10 @@ SUMMARY_KEYS = {
     "calibrated_threshold",
     "calibrated_token_agreement",
     "calibrated_speedup",
+    "measured_reference_agreement",
+    "measured_lcs_frac",
+    "measured_sequence_match",
+    "measured_self_teacher_agreement",
 }
 
 
@@ -73,9 +77,17 @@ def test_eval_writes_report_charts_and_markdown(calibration, capsys):
     assert {(r["head"], r["policy"]) for r in report["sweeps"]} >= {
         (h, p) for h in ("identity", "one_jump", "per_level") for p in ("softmax", "similarity")
     } | {("one_jump", "classifier")}
-    for row in report["sweeps"]:
-        assert 0 <= row["exit_rate"] <= 1 and 1 <= row["mean_exit_layer"] <= 4
+    depths = cal["exit_depths"]
+    for row in report["sweeps"]:  # a token that leaves runs min(depths)..max(depths) layers, the rest 4
+        rate, mean = row["exit_rate"], row["mean_exit_layer"]
+        low, high = 4 - rate * (4 - min(depths)), 4 - rate * (4 - max(depths))
+        assert low - 1e-3 <= mean <= high + 1e-3, row
         assert row["layer_speedup"] == pytest.approx(4 / row["mean_exit_layer"], rel=1e-3)
+    for name, curve in report["curves"].items():  # thresholds ascending: below every score .. above all
+        rates = [r["exit_rate"] for r in curve]
+        assert rates == sorted(rates, reverse=True), name
+        assert (curve[0]["exit_rate"], curve[0]["mean_exit_layer"]) == (1.0, min(depths)), name
+        assert (curve[-1]["exit_rate"], curve[-1]["mean_exit_layer"], curve[-1]["token_agreement"]) == (0, 4, 1), name
     for png in ("agreement_by_depth", "agreement_by_category", "tradeoff"):
         assert (out / f"{png}.png").stat().st_size > 5000
         assert f"]({png}.png)" in (out / "report.md").read_text()
@@ -93,7 +105,8 @@ def test_eval_measure_runs_the_calibrated_policy_against_full_depth(calibration,
     assert summary["calibrated_speedup"] == pytest.approx(
         measured["tokens_per_s"] / measured["full_depth_tokens_per_s"], rel=1e-3
     )
-    assert 0 <= summary["measured_sequence_match"] <= 1
+    for key in ("reference_agreement", "lcs_frac", "sequence_match", "self_teacher_agreement"):
+        assert summary[f"measured_{key}"] == measured[key]
     assert len(measured["tokens_per_s_runs"]) == len(measured["full_depth_tokens_per_s_runs"]) == 2  # medians of
     assert measured["num_output_tokens"] == 4 * 6  # every request runs to max_tokens on both sides
 
@@ -122,3 +135,28 @@ def test_measure_with_no_calibrated_exit_reports_no_speedup(calibration):
     cfg = EvalConfig(cal, num_requests=2, concurrency=2, max_tokens=3, repeats=2)
     result = measure(engine, ["w1 w2 w3", "w4 w5"], cfg, progress=False)
     assert result["speedup"] is None and result["exit_policy"] == "none" and result["num_output_tokens"] == 6
+
+
+def test_measure_reports_quality_against_the_same_full_depth_run(calibration):
+    """The measured quality block equals what the same two runs (same batches: same concurrency and
+    order) give when compared by hand: outputs identical to full depth, and their LCS."""
+    from offramp.engine.llm_engine import LLMEngine
+    from offramp.engine.sampling import SamplingParams
+    from offramp.serving.serving_config import load_serving_config
+    from offramp.tools.bench import bench_prompt_ids, run_engine
+    from offramp.tools.evaluate import EvalConfig, measure
+    from offramp.tools.quality import lcs_length
+
+    cal = calibration / "cal"
+    config = load_serving_config(cal / "engine.calibrated.json").engine
+    prompts = ["w1 w2 w3", "w4 w5 w6 w7 w8", "w9 w10", "w11 w12 w13 w14"]
+    result = measure(
+        LLMEngine(config), prompts, EvalConfig(cal, num_requests=4, concurrency=2, max_tokens=8, repeats=1), False
+    )
+    engine = LLMEngine(config)
+    ids = bench_prompt_ids(engine, prompts, 4)
+    _, outs = run_engine(engine, ids, 2, 8, False, SamplingParams(max_tokens=8, ignore_eos=True))
+    _, full = run_engine(engine, ids, 2, 8, False, SamplingParams(max_tokens=8, ignore_eos=True, exit_policy="none"))
+    assert result["sequence_match"] == sum(o == f for o, f in zip(outs, full)) / 4
+    assert result["lcs_frac"] == round(sum(lcs_length(o, f) for o, f in zip(outs, full)) / 32, 4)
+    assert result["reference_agreement"] is not None and result["full_depth_distinct2"] is not None

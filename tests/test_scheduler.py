@@ -112,7 +112,9 @@ class FakeEngine:
             len(sched.waiting),
         )
         depths = [None if tok is None else 1 + tok % 4 for tok in sampled]  # a made-up exit depth per token
-        grown = sched.postprocess(out, sampled, depths)
+        grown = sched.postprocess(
+            out, [[] if t is None else [t] for t in sampled], [[] if d is None else [d] for d in depths]
+        )
         assert grown == [item.seq for item, tok in zip(out.scheduled, sampled, strict=True) if tok is not None]
         for seq, tok, depth in zip(out.scheduled, sampled, depths):  # token and depth appended together
             if tok is not None:
@@ -382,8 +384,11 @@ def test_finish_of_preempted_sequence_leaves_the_queue_consistent() -> None:
     seqs = [make_seq([s + 1] * 6, max_tokens=12) for s in range(4)]
     for seq in seqs:
         eng.sched.add(seq)
-    while not any(s.out.preempted for s in eng.steps):
+    for _ in range(200):  # bounded: the 4 sequences outgrow 8 pages within a few dozen steps
+        if any(s.out.preempted for s in eng.steps):
+            break
         eng.step()
+    assert any(s.out.preempted for s in eng.steps), "no preemption happened"
     victim = eng.steps[-1].out.preempted[0]
     assert victim in eng.sched.waiting
     eng.sched.finish(victim, FinishReason.ABORT)

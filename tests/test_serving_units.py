@@ -4,6 +4,7 @@ and the background engine (one final event per request, cancellation, overload).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import numpy as np
@@ -59,7 +60,14 @@ def test_parse_good_request():
         ({"params": "{bad"}, "sampling_parameters: is not valid JSON"),
         ({"params": "3"}, "sampling_parameters: must be a JSON object"),
         ({"params": '{"n": 2}'}, "unknown key(s) ['n']"),
-        ({"params": '{"max_tokens": "5"}'}, "max_tokens: expected an integer"),
+        ({"params": '{"max_tokens": "five"}'}, "max_tokens: expected an integer"),
+        ({"params": '{"max_tokens": "2.5"}'}, "max_tokens: expected an integer"),
+        ({"params": '{"temperature": "nan"}'}, "temperature: expected a finite number"),
+        ({"params": '{"exit_policy": "softmax", "exit_threshold": 7}'}, "outside softmax's range (0, 1]"),
+        ({"params": '{"exit_policy": "classifier", "exit_threshold": 0}'}, "outside classifier's range (0, 1]"),
+        ({"params": '{"exit_policy": "similarity", "exit_threshold": -1.5}'}, "outside similarity's range [-1, 1]"),
+        ({"params": '{"exit_threshold": 7}'}, "outside every policy's range [-1, 1]"),
+        ({"params": '{"max_tokens": 8, "min_tokens": 4}'}, "min_tokens: only 0 or a value >= max_tokens (8"),
         ({"params": '{"max_tokens": -3}'}, "max_tokens: must be positive"),
         ({"params": '{"temperature": -0.5}'}, "temperature: must be a finite number >= 0"),
         ({"params": '{"top_p": 2}'}, "top_p: must be in (0, 1]"),
@@ -74,6 +82,30 @@ def test_parse_errors_name_the_field(kwargs, message):
     with pytest.raises(RequestError) as info:
         _parse(**kwargs)
     assert message in str(info.value) and info.value.code == "invalid"
+
+
+def test_numeric_strings_count_as_numbers():
+    """genai-perf's vLLM converter sends ``"max_tokens": "256"``; other vLLM deployments accept it."""
+    params = {"max_tokens": "256", "top_k": " 3 ", "seed": "1e3", "temperature": "0.5", "top_p": ".9"}
+    p = _parse(params=json.dumps(params)).params
+    assert (p.max_tokens, p.top_k, p.seed, p.temperature, p.top_p) == (256, 3, 1000, 0.5, 0.9)
+    assert isinstance(p.max_tokens, int) and isinstance(p.temperature, float)
+
+
+def test_min_tokens_as_far_as_ignore_eos_reaches():
+    """genai-perf's --output-tokens-mean-deterministic sends min_tokens == max_tokens (as strings)."""
+    assert _parse(params='{"max_tokens": "16", "min_tokens": "16"}').params.ignore_eos
+    assert not _parse(params='{"max_tokens": 16, "min_tokens": 0}').params.ignore_eos
+
+
+def test_exit_threshold_range_follows_the_policy():
+    ok = [("similarity", -1), ("similarity", 0.5), ("softmax", 1), ("classifier", "0.7"), ("none", 7)]
+    for policy, threshold in ok:
+        _parse(params=json.dumps({"exit_policy": policy, "exit_threshold": threshold}))
+    body = json.dumps({"exit_threshold": -0.5})  # no policy named: the server's default decides
+    assert parse_request(np.array([b"hi"], dtype=object), sampling_parameters=body).params.exit_threshold == -0.5
+    with pytest.raises(RequestError, match=r"outside softmax's range \(0, 1\]"):
+        parse_request(np.array([b"hi"], dtype=object), sampling_parameters=body, default_exit_policy="softmax")
 
 
 def test_prompt_size_limit():
@@ -150,11 +182,14 @@ def test_shipped_engine_json_is_valid():
 
 
 class _Collector:
+    """A request's ``emit``: its events, an event set at the first one and at the final one."""
+
     def __init__(self):
-        self.events, self.done = [], threading.Event()
+        self.events, self.started, self.done = [], threading.Event(), threading.Event()
 
     def __call__(self, event):
         self.events.append(event)
+        self.started.set()
         if event.finished:
             self.done.set()
 
@@ -195,11 +230,11 @@ def test_cancel_frees_pages_and_sends_the_final_event(async_engine):
     flag = threading.Event()
     handle, c = _handle("c", max_tokens=400, cancelled=flag.is_set)
     async_engine.submit(handle)
-    while not c.events:
-        pass
+    assert c.started.wait(30)
     flag.set()
     assert c.done.wait(30)
     assert c.events[-1].finish_reason == "abort" and sum(e.finished for e in c.events) == 1
+    assert c.events[-1].num_output_tokens < 400
     assert async_engine.engine.pages.num_used_pages == 0
 
 
@@ -228,20 +263,50 @@ def test_overload_is_refused_with_unavailable(async_engine):
         assert c.done.wait(60)
 
 
-def test_shutdown_finishes_or_aborts_everything(tiny_models):
+class _Clock:
+    """The drain deadline's clock, moved by the test."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_shutdown_drains_then_aborts_at_the_deadline(tiny_models):
+    """Deterministic: the short request finishes during the drain (the clock stands still), the long
+    one is held on its stream until then and is aborted once the deadline has passed."""
     a = AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4)))
     a.start()
-    short, c_short = _handle("s", max_tokens=2)
-    long, c_long = _handle("l", max_tokens=5000 // 10)
-    a.submit(short)
+    a._clock = clock = _Clock()
+    short, c_short = _handle("s", max_tokens=3)
+    long, c_long = _handle("l", max_tokens=400)
+    release = threading.Event()
+
+    def hold_after_short(event):  # the engine thread waits here once the short one is done
+        c_long(event)
+        if c_short.done.is_set() and not event.finished:
+            assert release.wait(60)
+
+    long.emit = hold_after_short
     a.submit(long)
-    a.shutdown(timeout=0.3)
-    assert c_short.done.is_set() and c_long.done.is_set()
-    assert c_short.events[-1].finish_reason == "length"
-    assert c_long.events[-1].finish_reason in ("abort", "length")
-    assert a.engine.pages.num_used_pages == 0
+    assert c_long.started.wait(30)  # in flight before the shutdown
+    a.submit(short)
+    stopper = threading.Thread(target=a.shutdown, kwargs={"timeout": 10.0})
+    stopper.start()
+    assert c_short.done.wait(30) and a._stop.wait(30)
+    assert [e.finish_reason for e in c_short.events if e.finished] == ["length"]
+    assert not c_long.done.is_set()  # still draining: the deadline has not passed
     with pytest.raises(RequestError, match="shutting down"):
         a.submit(_handle("late")[0])
+    clock.now = 11.0  # past the drain deadline
+    release.set()
+    assert c_long.done.wait(30)
+    stopper.join(30)
+    assert not stopper.is_alive()
+    finals = [e for e in c_long.events if e.finished]
+    assert len(finals) == 1 and finals[0].finish_reason == "abort" and finals[0].num_output_tokens < 400
+    assert a.engine.pages.num_used_pages == 0
 
 
 def test_detokenizer_flush_keeps_a_cut_character():
@@ -272,3 +337,160 @@ def test_a_failing_cancel_probe_aborts_only_that_request(async_engine):
     async_engine.submit(gone)
     assert c_ok.done.wait(30) and c_gone.done.wait(30)
     assert c_gone.events[-1].finish_reason == "abort" and c_ok.events[-1].finish_reason == "length"
+
+
+def test_ttft_counts_from_submission(tiny_models):
+    """A request that waited 100 s before the engine thread took it reports a TTFT of over 100 s."""
+    stats = []
+    a = AsyncEngine(
+        lambda: LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4)), on_stats=stats.append
+    )
+    a.start()
+    try:
+        handle, c = _handle("t", max_tokens=3)
+        handle.submitted_at -= 100.0
+        a.submit(handle)
+        assert c.done.wait(30)
+    finally:
+        a.shutdown(timeout=5)
+    ttfts = [t for s in stats for t in s.ttft_s]
+    assert len(ttfts) == 1 and 100.0 <= ttfts[0] < 200.0
+
+
+class _WaitSpy(threading.Event):
+    """The loop's stop event: records each wait's timeout and returns at once (no real sleep)."""
+
+    def __init__(self):
+        super().__init__()
+        self.timeouts = []
+
+    def wait(self, timeout=None):
+        self.timeouts.append(timeout)
+        return super().wait(0)
+
+
+def test_loop_error_while_idle_is_logged_once_and_backs_off(tiny_models, caplog):
+    """Session expiry (run while no request is live) fails 7 times in a row: one log record with the
+    traceback, one with the count of repeats once it passes, and the waits double up to 1 s."""
+    a = AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4)))
+    a.start()
+    calls, passed = [], threading.Event()
+
+    def expire():
+        calls.append(1)
+        if len(calls) <= 7:
+            raise RuntimeError("session table broke")
+        if len(calls) >= 9:  # the 8th pass went through, and closed the account of the error
+            passed.set()
+        return []
+
+    spy = _WaitSpy()
+    with caplog.at_level(logging.ERROR, logger="offramp.engine_loop"):
+        a._stop, a.engine.expire_sessions = spy, expire
+        try:
+            assert passed.wait(30)
+        finally:
+            a.shutdown(timeout=5)
+    assert spy.timeouts[:7] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    records = [r for r in caplog.records if r.name == "offramp.engine_loop"]
+    assert [r.exc_info is not None for r in records] == [True, False], [r.getMessage() for r in records]
+    assert "session table broke" in records[0].getMessage() and "repeated 6 more time(s)" in records[1].getMessage()
+
+
+def test_loop_error_fails_every_live_request_once_and_the_loop_goes_on(async_engine, caplog):
+    """A step fails with two requests in flight, and aborting one of them fails too: both get one
+    final error event (``internal``), and the next request is served."""
+    (h1, c1), (h2, c2) = _handle("f1", max_tokens=300), _handle("f2", max_tokens=300)
+    async_engine.submit(h1)
+    async_engine.submit(h2)
+    assert c1.started.wait(30) and c2.started.wait(30)
+    engine = async_engine.engine
+    step, abort = engine.step, engine.abort
+
+    def failing_step():
+        engine.step = step
+        raise RuntimeError("step broke")
+
+    def failing_abort(request_id):
+        if request_id == "f1":
+            raise RuntimeError("abort broke")
+        return abort(request_id)
+
+    with caplog.at_level(logging.ERROR, logger="offramp.engine_loop"):
+        engine.abort, engine.step = failing_abort, failing_step
+        assert c1.done.wait(30) and c2.done.wait(30)
+        engine.abort = abort
+    for c in (c1, c2):
+        finals = [e for e in c.events if e.finished]
+        assert len(finals) == 1 and finals[0].error is not None and finals[0].error.code == "internal"
+        assert "step broke" in str(finals[0].error)
+    assert any("abort broke" in r.getMessage() for r in caplog.records)
+    handle, c = _handle("after", max_tokens=4)
+    async_engine.submit(handle)
+    assert c.done.wait(60) and c.events[-1].error is None and c.events[-1].finish_reason == "length"
+
+
+class _FakeMetric:
+    def __init__(self):
+        self.value, self.observed = 0.0, []
+
+    def set(self, value):
+        self.value = value
+
+    def increment(self, value):
+        self.value += value
+
+    def observe(self, value):
+        self.observed.append(value)
+
+
+class _FakePb:
+    """The parts of ``triton_python_backend_utils`` that ``ModelAdapter`` and ``Metrics`` use."""
+
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    def __init__(self):
+        self.metrics: dict[str, _FakeMetric] = {}
+        metrics = self.metrics
+
+        class MetricFamily:
+            COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+            def __init__(self, name, description, kind):
+                self.name = name
+
+            def Metric(self, labels, buckets=None):  # noqa: N802 (Triton's name)
+                return metrics.setdefault(self.name, _FakeMetric())
+
+        class TritonError:
+            INVALID_ARG, UNAVAILABLE, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
+
+            def __init__(self, message, code):
+                self.message, self.code = message, code
+
+        self.MetricFamily, self.TritonError = MetricFamily, TritonError
+
+    @staticmethod
+    def using_decoupled_model_transaction_policy(model_config):
+        return True
+
+
+def test_adapter_sets_every_gauge_at_load_and_maps_error_codes(tiny_models, tmp_path, monkeypatch):
+    from offramp.serving.triton_adapter import OVERRIDES_ENV, ModelAdapter
+
+    monkeypatch.delenv(OVERRIDES_ENV, raising=False)
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "engine.json").write_text(json.dumps({"model": str(tiny_models["llama"]), "page_size": 4}))
+    pb = _FakePb()
+    args = {"model_config": "{}", "model_name": "offramp", "model_repository": str(tmp_path), "model_version": "1"}
+    adapter = ModelAdapter(pb, args, watch_parent=False)  # this process is not a stub
+    try:
+        free = adapter.engine.engine.pages.num_free_pages
+        assert free > 0 and pb.metrics["offramp_kv_pages_free"].value == free  # before any request
+        assert pb.metrics["offramp_kv_pages_used"].value == 0
+        codes = {
+            code: adapter.error(RequestError("x", code=code)).code for code in ("invalid", "unavailable", "internal")
+        }
+        assert codes == {"invalid": "INVALID_ARG", "unavailable": "UNAVAILABLE", "internal": "INTERNAL"}
+    finally:
+        adapter.stop()

@@ -213,8 +213,14 @@ def test_session_config_errors_name_the_field(kwargs, field):
 
 
 def test_async_engine_sessions_and_end_session(tiny_models):
-    stats = []
-    a = AsyncEngine(lambda: _engine(tiny_models), on_stats=stats.append)
+    stats, freed = [], threading.Event()
+
+    def on_stats(s):
+        stats.append(s)
+        if s.num_sessions == 0 and s.pages_used == 0 and len(stats) > 1:
+            freed.set()
+
+    a = AsyncEngine(lambda: _engine(tiny_models), on_stats=on_stats)
     a.start()
     try:
         done, events = threading.Event(), []
@@ -235,10 +241,9 @@ def test_async_engine_sessions_and_end_session(tiny_models):
         a.submit(RequestHandle("y", req, emit, session_id="s"))
         assert done.wait(30) and events[-1].finish_reason == "length"
         assert events[-1].num_cached_tokens == 5 + 4 - 1  # the first turn, but its last token
+        freed.clear()
         a.end_session("s")
-        deadline = time.monotonic() + 30
-        while a.engine.pages.num_used_pages and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert freed.wait(30), "end_session did not free the session's pages"
         assert a.engine.pages.num_used_pages == 0 and stats[-1].num_sessions == 0
     finally:
         a.shutdown(timeout=5)

@@ -1,96 +1,37 @@
 """Against a real tritonserver started by the fixture (readiness polled): HTTP generate, gRPC
-streaming, batching, cancellation, bad input, overload, metrics."""
+streaming, batching, cancellation, bad input over HTTP and gRPC, overload, metrics."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
+import queue
 import threading
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
+from live_server import metric_value, serve
 from offramp import EngineConfig, SamplingParams
 from offramp_client import OfframpClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.default_model]
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Name three primary colors."
-
-
-@dataclass
-class Server:
-    http: int
-    grpc: int
-    metrics: int
-    log: Path
-
-    def post(self, endpoint: str, body: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http}/v2/models/offramp/{endpoint}",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=300) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        values = [float(m) for m in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)]
-        return sum(values)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def serve(log: Path, model: Path, *extra: str):
-    """Start ``offramp serve`` (tritonserver) on free ports, wait until ready, yield, stop it."""
-    http, grpc, metrics = _free_ports(3)
-    cmd = [sys.executable, "-m", "offramp.cli.main", "serve", "--model", str(model)]
-    cmd += ["--model-repository", str(REPO / "model_repository"), "--http-port", str(http)]
-    cmd += ["--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    srv = Server(http, grpc, metrics, log)
-    deadline = time.monotonic() + 300
-    while not srv.ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"tritonserver did not become ready:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
-    yield srv
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+LONG = "Write a very long story about a dragon."
+GAUGES = (
+    "offramp_running_sequences",
+    "offramp_waiting_sequences",
+    "offramp_kv_pages_used",
+    "offramp_kv_pages_free",
+    "offramp_sessions",
+    "offramp_session_kv_pages",
+    "offramp_prefix_shared_kv_pages",
+)
+COUNTERS = ("offramp_generated_tokens_total", "offramp_preemptions_total", "offramp_session_evictions_total")
+HISTOGRAMS = (
+    "offramp_exit_layer",
+    "offramp_batch_size",
+    "offramp_time_to_first_token_seconds",
+    "offramp_time_per_output_token_seconds",
+)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +46,21 @@ def offline(default_checkpoint):
 
     engine = LLMEngine(EngineConfig(model=str(default_checkpoint)))
     return engine.generate([PROMPT], SamplingParams(max_tokens=32))[0]
+
+
+def test_every_metric_is_set_at_load(server):
+    """Before any request: each model's gauges hold the engine's state (its free KV pages, not 0),
+    and its counters and histograms exist at 0."""
+    initial = server.initial_metrics
+    for model in ("offramp", "offramp_chat"):
+        for name in GAUGES + COUNTERS:
+            metric_value(initial, name, model=model)  # raises KeyError when missing
+        for name in HISTOGRAMS:
+            assert metric_value(initial, f"{name}_count", model=model) == 0
+        assert metric_value(initial, "offramp_kv_pages_used", model=model) == 0
+        free = metric_value(initial, "offramp_kv_pages_free", model=model)
+        assert free > 0, f"{model}: offramp_kv_pages_free reads {free} before the first request"
+        assert free == server.metric("offramp_kv_pages_free", model) + server.metric("offramp_kv_pages_used", model)
 
 
 def test_http_generate_matches_offline(server, offline):
@@ -137,8 +93,13 @@ def test_http_stream_matches_offline(server, offline):
     assert "".join(c.text for c in chunks) == offline.text
 
 
+def _batched_steps(server) -> float:
+    """Engine iterations that gave a token to more than one sequence (histogram count minus le=1)."""
+    return server.metric("offramp_batch_size_count") - server.metric("offramp_batch_size_bucket", le=1)
+
+
 def test_sixteen_concurrent_requests_are_batched(server):
-    before = server.metric("offramp_batch_size_count") - server.metric('offramp_batch_size_bucket{le="1"}')
+    before = _batched_steps(server)
     results: list = [None] * 16
 
     def one(i: int) -> None:
@@ -150,29 +111,37 @@ def test_sixteen_concurrent_requests_are_batched(server):
             },
         )
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(16)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert all(status == 200 and body["num_output_tokens"] == 24 for status, body in results)
-    batched_steps = server.metric("offramp_batch_size_count") - server.metric('offramp_batch_size_bucket{le="1"}')
-    assert batched_steps > before, "no engine iteration ran more than one sequence"
+        t.join(300)
+    assert not [t for t in threads if t.is_alive()], "a request did not finish within 300 s"
+    assert all(r is not None and r[0] == 200 and r[1]["num_output_tokens"] == 24 for r in results), results
+    assert _batched_steps(server) > before, "no engine iteration ran more than one sequence"
     assert server.metric("offramp_kv_pages_used") == 0
 
 
-def test_cancelled_stream_frees_its_pages(server):
-    client = OfframpClient(f"127.0.0.1:{server.grpc}", "grpc")
-    stream = client.stream("Write a very long story about a dragon.", max_tokens=400, ignore_eos=True)
+def _assert_cancelled(server, before: float, max_tokens: int) -> None:
+    """Once the pages are back, the request produced far fewer tokens than it asked for (it would
+    have run to ``max_tokens``: ``ignore_eos``), which only cancellation explains."""
+    assert server.wait_for_metric("offramp_kv_pages_used", 0) == 0
+    generated = server.metric("offramp_generated_tokens_total") - before
+    assert generated < max_tokens // 4, f"{generated} of {max_tokens} tokens: the request was not cancelled"
+    assert server.metric("offramp_running_sequences") == 0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_closed_stream_is_cancelled(server, protocol):
+    assert server.wait_for_metric("offramp_kv_pages_used", 0) == 0
+    before = server.metric("offramp_generated_tokens_total")
+    port = server.grpc if protocol == "grpc" else server.http
+    stream = OfframpClient(f"127.0.0.1:{port}", protocol).stream(LONG, max_tokens=400, ignore_eos=True)
     for _, chunk in zip(range(3), stream):
         assert chunk.text is not None
     assert server.metric("offramp_kv_pages_used") > 0
-    stream.close()  # closes the gRPC stream with cancel_requests=True
-    deadline = time.monotonic() + 20
-    while server.metric("offramp_kv_pages_used") > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert server.metric("offramp_kv_pages_used") == 0
-    assert server.metric("offramp_running_sequences") == 0
+    stream.close()  # gRPC: stop_stream(cancel_requests=True); HTTP: the connection closes
+    _assert_cancelled(server, before, 400)
 
 
 BAD = [
@@ -191,31 +160,51 @@ BAD = [
     ({"text_input": "word " * 9000, "sampling_parameters": "{}"}, "leave no room in the context"),
     ({"sampling_parameters": "{}"}, "text_input"),
 ]
+BAD_IDS = [m[:30] for _, m in BAD]
 
 
-@pytest.mark.parametrize(("body", "message"), BAD, ids=[m[:30] for _, m in BAD])
-def test_bad_input_is_a_400_that_names_the_problem(server, body, message):
+@pytest.mark.parametrize(("body", "message"), BAD, ids=BAD_IDS)
+def test_bad_input_over_http_is_a_400_that_names_the_problem(server, body, message):
     status, reply = server.post("generate", body)
-    assert status == 400, reply
+    assert status == 400, reply  # INVALID_ARG
     assert message in reply.get("error", ""), reply
     assert server.ready()
 
 
-def test_invalid_utf8_over_grpc(server):
+def _grpc_first(server, inputs: dict[str, bytes]):
+    """Send one request on a gRPC stream; (the first result, the first error) that comes back."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
-    errors = []
-    client.start_stream(callback=lambda result, error: errors.append(error))
-    text = grpcclient.InferInput("text_input", [1], "BYTES")
-    text.set_data_from_numpy(np.array([b"caf\xe9 \xff"], dtype=np.object_))
-    client.async_stream_infer("offramp", [text])
-    deadline = time.monotonic() + 10
-    while not errors and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client.stop_stream()
-    assert errors and "text_input: is not valid UTF-8" in str(errors[0])
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        tensors = []
+        for name, value in inputs.items():
+            tensor = grpcclient.InferInput(name, [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([value], dtype=np.object_))
+            tensors.append(tensor)
+        client.async_stream_infer("offramp", tensors, enable_empty_final_response=True)
+        return answers.get(timeout=120)
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+@pytest.mark.parametrize(("body", "message"), BAD, ids=BAD_IDS)
+def test_bad_input_over_grpc_is_an_error_that_names_the_problem(server, body, message):
+    """The same table over gRPC. A gRPC stream carries an error's message but not its code (the
+    stream's response has no status field), so the code is checked over HTTP only."""
+    result, error = _grpc_first(server, {k: v.encode() for k, v in body.items()})
+    assert result is None and error is not None, "a bad request got a response instead of an error"
+    assert message in str(error), str(error)
+    assert server.ready()
+
+
+def test_invalid_utf8_over_grpc(server):
+    result, error = _grpc_first(server, {"text_input": b"caf\xe9 \xff"})
+    assert result is None and error is not None and "text_input: is not valid UTF-8" in str(error)
     assert server.ready()
 
 
@@ -231,7 +220,7 @@ def test_overload_is_unavailable_not_a_hang(server):
 
     def on_result(result, error):
         if error is not None:
-            finals[str(len(finals))] = f"error: {error}"
+            finals[f"error-{len(finals)}"] = f"error: {error}"
         elif result.get_response().parameters["triton_final_response"].bool_param:
             finals[result.get_response().id] = "ok"
         if len(finals) == 40:
@@ -248,49 +237,46 @@ def test_overload_is_unavailable_not_a_hang(server):
     client.stop_stream()
     outcomes = list(finals.values())
     refused = [o for o in outcomes if o.startswith("error")]
-    assert refused and all("retry" in o for o in refused), outcomes
+    assert refused and all("server busy" in o and "retry" in o for o in refused), outcomes
     assert outcomes.count("ok") >= 24
-    assert server.ready() and server.metric("offramp_kv_pages_used") == 0
+    assert server.ready() and server.wait_for_metric("offramp_kv_pages_used", 0) == 0
 
 
-def test_client_cli_streams_and_cancels(server):
+def test_overload_over_http_is_refused_at_once(server):
+    """The same limit over HTTP: the excess gets an error reply at once (Triton's generate endpoint
+    answers a response's error with HTTP 400 whatever its code, so UNAVAILABLE is visible only in
+    the message), the rest complete."""
+    replies: list = [None] * 40
+    body = {"text_input": "Tell me a long story.", "sampling_parameters": '{"max_tokens": 32, "ignore_eos": true}'}
+
+    def one(i: int) -> None:
+        replies[i] = server.post("generate", body)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not [t for t in threads if t.is_alive()], "a request did not finish within 300 s"
+    refused = [r[1].get("error", "") for r in replies if r[0] != 200]
+    assert refused and all("server busy" in e and "retry" in e for e in refused), replies
+    assert {r[0] for r in replies} == {200, 400} and len(refused) <= 40 - 24
+    assert all(r[1]["num_output_tokens"] == 32 for r in replies if r[0] == 200)
+    assert server.wait_for_metric("offramp_kv_pages_used", 0) == 0
+
+
+def test_client_cli_streams_and_cancels(server, capsys):
     from offramp_client.cli import main
 
     url = f"127.0.0.1:{server.grpc}"
     assert main(["--url", url, "--protocol", "grpc", "stream", PROMPT, "--max-tokens", "8", "--json"]) == 0
-    assert (
-        main(
-            [
-                "--url",
-                url,
-                "--protocol",
-                "grpc",
-                "stream",
-                "Tell me a long story.",
-                "--max-tokens",
-                "300",
-                "--cancel-after",
-                "2",
-                "--json",
-            ]
-        )
-        == 0
-    )
-    deadline = time.monotonic() + 20
-    while server.metric("offramp_kv_pages_used") > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert server.metric("offramp_kv_pages_used") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["finish_reason"] == "length"
+    # How long the answer runs uncancelled (the CLI has no ignore_eos): the cancelled one must stop far short.
+    status, full = server.post("generate", {"text_input": LONG, "sampling_parameters": '{"max_tokens": 120}'})
+    assert status == 200 and full["num_output_tokens"] >= 60, full
+    before = server.metric("offramp_generated_tokens_total")
+    argv = ["--url", url, "--protocol", "grpc", "stream", LONG, "--max-tokens", "120", "--cancel-after", "2"]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["finish_reason"] == "cancelled"
+    _assert_cancelled(server, before, full["num_output_tokens"])
     assert main(["--url", "127.0.0.1:1", "generate", "hi"]) == 1  # nothing listening: one error line
-
-
-def test_closed_http_stream_is_cancelled(server):
-    stream = OfframpClient(f"127.0.0.1:{server.http}", "http").stream(
-        "Write a very long story about a dragon.", max_tokens=400, ignore_eos=True
-    )
-    for _, _chunk in zip(range(3), stream):
-        pass
-    stream.close()
-    deadline = time.monotonic() + 20
-    while server.metric("offramp_kv_pages_used") > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert server.metric("offramp_kv_pages_used") == 0

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from live_server import serve
 from offramp import EngineConfig, SamplingParams
-from test_triton_integration import serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.default_model]
 PROMPTS = ["Name three primary colors.", "Write a Python function that reverses a string."]

@@ -7,6 +7,7 @@ The ``offramp`` command-line flags, the ``offramp serve`` overrides and the keys
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, fields
 
 DTYPES = ("float32", "bfloat16")
@@ -15,6 +16,10 @@ EXIT_POLICIES = ("none", "softmax", "similarity", "classifier")
 KV_FILLS = ("propagate", "recompute")
 EXIT_GATES = ("similarity", "classifier")
 TRT_PRECISIONS = ("fp32", "fp16", "bf16")
+WEIGHTS = ("none", "bf16", "int8", "int4")
+WEIGHT_GROUP_SIZES = (32, 64, 128)
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
+SPEC_SOURCES = ("none", "ngram", "exit", "easyspec")  # draft sources of the lossless mode
 
 
 def option(default, help: str, **meta):
@@ -39,6 +44,16 @@ class EngineConfig:
     dtype: str = option(
         "float32", "weights and activations: float32 (the exactness reference) or bfloat16", choices=DTYPES
     )
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+    weights: str = option(
+        "none",
+        "decoder linears and LM head: none (the dtype's own), bf16, int8 (per channel) or int4 (group-wise, "
+        "LM head int8); bf16/int8/int4 need --dtype bfloat16 (the embedding lookup stays exact)",
+        choices=WEIGHTS,
+    )
+    weight_group_size: int = option(
+        32, "weights int4: input columns sharing one scale and zero", choices=WEIGHT_GROUP_SIZES
+    )
     backend: str = option(
         "torch",
         "block backend: torch, or exported graphs (onnxruntime, tensorrt; exported on first use)",
@@ -55,6 +70,10 @@ class EngineConfig:
     page_size: int = option(16, "tokens per KV page")
     num_pages: int | None = option(None, "KV budget in pages (overrides --kv-budget-mb)")
     kv_budget_bytes: int = option(512 * 1024 * 1024, "KV budget in MiB", flag="kv-budget-mb", scale=1024 * 1024)
+    kv_budget_fraction: float | None = option(
+        None,
+        "on a GPU: KV budget as this fraction of the memory free once the weights are loaded (overrides --kv-budget-mb)",
+    )
     max_num_seqs: int = option(32, "sequences running at once")
     max_num_batched_tokens: int = option(1024, "tokens computed in one step (prompt chunks and decode rows)")
     max_model_len: int | None = option(None, "context length (default: the model's)")
@@ -78,14 +97,37 @@ class EngineConfig:
     enable_prefix_sharing: bool = option(True, "share computed full prompt pages between identical prefixes")
     max_sessions: int = option(1024, "sessions kept at once; a new one closes the least recently used idle one")
     session_idle_timeout_s: float = option(600.0, "an idle session's pages are freed after this many seconds")
+    spec: str = option(
+        "none",
+        "lossless mode's draft source (requests verified by the full model): none, ngram (prompt lookup), "
+        "exit (the first --spec-exit-depth layers and the exit head) or easyspec; not none: requests are lossless",
+        choices=SPEC_SOURCES,
+    )
+    spec_max_draft: int = option(8, "most draft tokens one sequence brings into a verification step")
+    spec_exit_depth: int | None = option(
+        None, "spec exit: layers that draft, a block end (default: the block end nearest half the layers)"
+    )
+    spec_draft_threshold: float = option(
+        0.3, "spec exit: drafting stops when the exit head's top-1 probability falls below this (Kangaroo)"
+    )
+    spec_adaptive: bool = option(True, "adapt each sequence's draft length to its acceptance (else always the most)")
+    spec_verify_row_cost: float | None = option(
+        None, "cost of one extra verification row relative to a decode step (default: measured for the dtype)"
+    )
+    spec_retry_steps: int = option(
+        16, "a sequence whose drafts do not pay decodes plainly this many steps, then retries (then 2x, up to 16x)"
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model: must be 'default' or a path to a checkpoint directory or GGUF file")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.device is not None and (not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device)):
+            raise ValueError(f"device: {self.device!r} is not cpu, cuda or cuda:N")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        self._check_weights()
         if self.backend != "torch" and self.dtype != "float32":
             raise ValueError(f"dtype: the {self.backend} backend runs the float32 export; use dtype float32")
         if self.trt_precision not in TRT_PRECISIONS:
@@ -100,6 +142,11 @@ class EngineConfig:
         _positive("max_tokens_limit", self.max_tokens_limit)
         if self.num_pages is not None:
             _positive("num_pages", self.num_pages)
+        fraction = self.kv_budget_fraction
+        if fraction is not None and (
+            isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1
+        ):
+            raise ValueError(f"kv_budget_fraction: must be a number in (0, 1), got {fraction!r}")
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
         if self.num_threads is not None:
@@ -131,6 +178,39 @@ class EngineConfig:
             if not bounds or bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):
                 raise ValueError("block_boundaries: must start at 0 and be strictly increasing, e.g. (0, 10, 20)")
             self.block_boundaries = bounds
+        self._check_spec()
+
+    def _check_spec(self) -> None:
+        if self.spec not in SPEC_SOURCES:
+            raise ValueError(f"spec: {self.spec!r} is not one of {', '.join(SPEC_SOURCES)}")
+        _positive("spec_max_draft", self.spec_max_draft)
+        _positive("spec_retry_steps", self.spec_retry_steps)
+        if self.spec_exit_depth is not None:
+            _positive("spec_exit_depth", self.spec_exit_depth)
+        threshold = self.spec_draft_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+            raise ValueError(f"spec_draft_threshold: must be a probability in [0, 1), got {threshold!r}")
+        cost = self.spec_verify_row_cost
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost <= 1):
+            raise ValueError(f"spec_verify_row_cost: must be a number in [0, 1], got {cost!r}")
+        if not isinstance(self.spec_adaptive, bool):
+            raise ValueError(f"spec_adaptive: must be true or false, got {self.spec_adaptive!r}")
+
+    def _check_weights(self) -> None:
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights: {self.weights!r} is not one of {', '.join(WEIGHTS)}")
+        if self.weight_group_size not in WEIGHT_GROUP_SIZES:
+            sizes = ", ".join(map(str, WEIGHT_GROUP_SIZES))
+            raise ValueError(f"weight_group_size: {self.weight_group_size!r} is not one of {sizes}")
+        if self.weights == "none":
+            return
+        if self.backend != "torch":
+            raise ValueError(f"weights: {self.weights} runs in the torch backend only so far; use --backend torch")
+        if self.dtype != "bfloat16":
+            why = "" if self.weights == "bf16" else " (x86 has no vectorised float32 kernel for it: ~10-100x slower)"
+            raise ValueError(f"weights: {self.weights} computes with bfloat16 activations{why}; use --dtype bfloat16")
+        if self.weights in ("int8", "int4") and str(getattr(self, "device", None) or "cpu").startswith("cuda"):
+            raise ValueError(f"weights: {self.weights} runs on the CPU kernels only so far; use --device cpu")
 
     def exit_depths(self, num_layers: int) -> set[int]:
         """Depths (layers run) after which a token may leave: block ends, filtered by the config."""

@@ -20,7 +20,7 @@ def group_mask(
 ) -> torch.Tensor:  # [B, T, C + T] bool
     """What each row attends to: stored slots at or before its position that no row of this step
     rewrites, then the step's own rows at or before its position."""
-    slots = torch.arange(context)
+    slots = torch.arange(context, device=positions.device)
     rewritten = (slots[None, None, :] == positions[:, :, None]).any(1, keepdim=True)  # [B, 1, C]
     past = (slots[None, None, :] <= positions[:, :, None]) & ~rewritten
     new = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]

@@ -16,11 +16,15 @@ from offramp.model.decoder import ModelWeights
 from offramp.model.kv_store import KVStore
 
 
-def kv_layout(config: EngineConfig) -> tuple[torch.device, bool]:
-    """(device of the KV pages, head-major?) for ``config.backend``: exported graphs read head-major
-    pages; TensorRT reads them on the GPU."""
-    device = torch.device("cuda") if config.backend == "tensorrt" else torch.device("cpu")
-    return device, config.backend != "torch"
+def kv_layout(config: EngineConfig, device: torch.device) -> tuple[torch.device, bool]:
+    """(device of the KV pages, head-major?) for ``config.backend``: the torch backend keeps them on
+    the engine's device; exported graphs read head-major pages, ONNX Runtime on the CPU, TensorRT on
+    the GPU."""
+    if config.backend == "torch":
+        return device, False
+    if config.backend == "tensorrt":
+        return (device if device.type == "cuda" else torch.device("cuda")), True
+    return torch.device("cpu"), True
 
 
 def build_backend(

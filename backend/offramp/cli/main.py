@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=16)
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
-    bench.add_argument("--compare", choices=["hf"], default=None, help="also run HF transformers generate")
+    bench.add_argument(
+        "--compare",
+        choices=["hf", "llamacpp"],
+        default=None,
+        help="also run HF transformers generate, or llama.cpp on the same GGUF (needs `make tools-env`)",
+    )
     bench.add_argument("--json", action="store_true", help="print only the JSON line")
     bench.add_argument("--output", default=None, help="append the JSON line to this file and draw a PNG beside it")
     cal = sub.add_parser("calibrate", help="train low-rank exit shortcuts (one-jump and per-level) by distillation")
@@ -108,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    serve.add_argument(
+        "--openai-port", type=int, default=None, help="also serve the OpenAI-compatible API (/v1) on this port"
+    )
+    serve.add_argument("--openai-host", default="127.0.0.1", help="address of the OpenAI API (loopback by default)")
     add_config_flags(serve, EngineConfig, overrides=True)  # each overrides engine.json (of every model)
     add_config_flags(serve, ServingConfig, overrides=True)
     return parser
@@ -126,6 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.metrics_port,
         args.ready_timeout,
         args.host,
+        args.openai_port,
+        args.openai_host,
     )
 
 
@@ -177,6 +188,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.concurrency,
         args.max_tokens,
         compare_hf=args.compare == "hf",
+        compare_llamacpp=args.compare == "llamacpp",
         progress=sys.stderr.isatty(),
         ignore_eos=args.ignore_eos,
     )

@@ -9,6 +9,11 @@ sub-batch shrinks. Their skipped layers' K/V is filled per ``kv_fill``:
 - ``recompute`` (EE-LLM/FREE): the exit hidden state is kept; when a later token of the sequence
   goes past that depth, the kept tokens re-enter the sub-batch at the block where they left and
   run together with it, writing exact K/V.
+
+Lossless mode: an item with drafts never exits; all its rows (last token and drafts) come back after
+full depth for verification (``LoopResult.verify_rows``). ``run_shallow`` is the draft pass of the
+``exit`` source: the rows run blocks up to a depth and no further, and nothing fills the deeper
+layers' K/V (verification rewrites every layer at those positions).
 """
 
 from __future__ import annotations
@@ -57,10 +62,12 @@ class Exit:
 
 @dataclass(slots=True)
 class LoopResult:
-    """Per sampling item (index into the step's items): its last row after full depth, or its exit."""
+    """Per sampling item (index into the step's items): its last row after full depth, or its exit;
+    for an item with drafts, its last token's and drafts' rows after full depth."""
 
     final_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # item -> [hidden]
     exited: dict[int, Exit] = field(default_factory=dict)
+    verify_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # item -> [1 + drafts, hidden]
 
 
 @dataclass(slots=True)
@@ -78,6 +85,10 @@ class LoopStats:
     check_s: float = 0.0
     fill_s: float = 0.0
     recomputed_rows: int = 0  # kept tokens that re-entered a sub-batch (recompute)
+    draft_s: float = 0.0  # draft passes (spec exit)
+    num_verifications: int = 0  # items verified (lossless mode with drafts)
+    num_draft_tokens: int = 0  # drafts verified
+    num_accepted_tokens: int = 0  # drafts the full model accepted
 
 
 @dataclass(slots=True)
@@ -113,6 +124,7 @@ class BlockLoop:
         self.weights, self.backend, self.page_size = weights, backend, page_size
         self.cos, self.sin = cos, sin
         self.exit_depths, self.kv_fill, self.head = exit_depths, kv_fill, head
+        self.device = weights.embed.device  # every tensor of a step is made here
         self.pending: dict[int, list[Pending]] = {}  # seq_id -> kept tokens (recompute)
         self.stats = LoopStats()
 
@@ -147,7 +159,10 @@ class BlockLoop:
         return build_metadata(slices, self.page_size, self.cos, self.sin)
 
     def _embed(self, token_ids: list[int]) -> torch.Tensor:  # [n, hidden]
-        return F.embedding(torch.tensor(token_ids, dtype=torch.long), self.weights.embed)
+        return F.embedding(self._index(token_ids), self.weights.embed)
+
+    def _index(self, values: list[int]) -> torch.Tensor:  # [n] long on the engine's device
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _run_full(self, step: StepInput) -> LoopResult:
         hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
@@ -158,9 +173,28 @@ class BlockLoop:
         result, row = LoopResult(), 0
         for i, item in enumerate(step.items):
             row += item.num_new_tokens
-            if item.samples:
-                result.final_rows[i] = hidden[row - 1]
+            self._collect(result, i, item, hidden, row)
         return result
+
+    @staticmethod
+    def _collect(result: LoopResult, i: int, item: ScheduledSeq, hidden: torch.Tensor, row_end: int) -> None:
+        """Item ``i``'s rows after full depth (ending at ``row_end``) that make tokens."""
+        if item.draft_token_ids:
+            result.verify_rows[i] = hidden[row_end - item.num_new_tokens : row_end]  # [1 + drafts, hidden]
+        elif item.samples:
+            result.final_rows[i] = hidden[row_end - 1]
+
+    def run_shallow(self, slices: list[SeqSlice], token_ids: list[int], depth: int) -> torch.Tensor:
+        """A draft pass: the rows through the blocks ending at or before ``depth`` (a block end),
+        writing K/V of those layers only. Returns [rows, hidden] after ``depth`` layers."""
+        start = time.perf_counter()
+        hidden, meta = self._embed(token_ids), self._meta(slices)
+        for b, (_, end) in enumerate(self.backend.block_ranges):
+            if end > depth:
+                break
+            hidden = self.backend.run_block(b, hidden, meta)
+        self.stats.draft_s += time.perf_counter() - start
+        return hidden
 
     def _run_with_exits(self, step: StepInput) -> LoopResult:
         items = step.items
@@ -188,8 +222,7 @@ class BlockLoop:
             if not walk.active:
                 break
         for i, row_end in zip(walk.active, walk.ends):
-            if items[i].samples:
-                result.final_rows[i] = walk.hidden[row_end - 1]
+            self._collect(result, i, items[i], walk.hidden, row_end)
             self._keep(items[i], walk.kept[i])
         return result
 
@@ -221,10 +254,14 @@ class BlockLoop:
         t0 = time.perf_counter()
         leavers: set[int] = set()
         for policy, members, rows, thresholds in groups.values():
-            idx = torch.tensor(rows, dtype=torch.long)
+            idx = self._index(rows)
             newest = walk.hidden.index_select(0, idx)  # [m, hidden]
             check = ExitCheck(
-                newest, before.index_select(0, idx), depth, torch.tensor(thresholds, dtype=torch.float32), self.head
+                newest,
+                before.index_select(0, idx),
+                depth,
+                torch.tensor(thresholds, dtype=torch.float32, device=self.device),
+                self.head,
             )
             decision = policy.decide(check)
             for k, j in enumerate(decision.leave.nonzero().flatten().tolist()):
@@ -239,7 +276,7 @@ class BlockLoop:
         t0 = time.perf_counter()
         ends = walk.ends
         if self.kv_fill == "propagate":
-            idx = torch.tensor([ends[k] - 1 for k, i in enumerate(walk.active) if i in leavers], dtype=torch.long)
+            idx = self._index([ends[k] - 1 for k, i in enumerate(walk.active) if i in leavers])
             meta = walk.meta
             self.backend.propagate_kv(
                 walk.hidden.index_select(0, idx), meta.cos[idx], meta.sin[idx], meta.slot_mapping[idx], depth
@@ -260,7 +297,7 @@ class BlockLoop:
         ends = walk.ends
         stay = [k for k, i in enumerate(walk.active) if i not in leavers]
         rows = [r for k in stay for r in range(ends[k] - walk.sizes[k], ends[k])]
-        walk.hidden = walk.hidden.index_select(0, torch.tensor(rows, dtype=torch.long))
+        walk.hidden = walk.hidden.index_select(0, torch.tensor(rows, dtype=torch.long, device=walk.hidden.device))
         walk.active, walk.sizes = [walk.active[k] for k in stay], [walk.sizes[k] for k in stay]
         walk.meta = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from offramp.blocks.factory import build_backend, kv_layout
 from offramp.config import EngineConfig
 from offramp.engine.detokenizer import IncrementalDetokenizer, first_stop
+from offramp.engine.drafts import Speculator
 from offramp.engine.kv_sessions import CacheStats, KVSessionTable
 from offramp.engine.page_manager import PageManager
 from offramp.engine.runner import ModelRunner
@@ -20,8 +22,16 @@ from offramp.engine.sampling import SamplingParams
 from offramp.engine.scheduler import Scheduler
 from offramp.engine.sequence import FinishReason, Sequence
 from offramp.model.decoder import final_logits
+from offramp.model.device import resolve_device, to_device
 from offramp.model.kv_store import KVStore, pages_for_budget
-from offramp.model.loader import cache_root, eos_token_ids, load_tokenizer, load_weights, resolve_model
+from offramp.model.loader import (
+    cache_root,
+    eos_token_ids,
+    load_tokenizer,
+    load_weights,
+    resolve_model,
+    source_gguf,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -66,17 +76,27 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.checkpoint = resolve_model(config.model)
         self.dtype = DTYPES[config.dtype]
-        self.weights, self.hf_config = load_weights(self.checkpoint, self.dtype)
+        self.device = resolve_device(config.device)
+        if config.backend == "onnxruntime" and self.device.type != "cpu":
+            raise ValueError(f"device: the onnxruntime backend runs on cpu here, not {self.device}")
+        print(f"offramp: device {self.device}, dtype {config.dtype}, backend {config.backend}", file=sys.stderr)
+        if config.weights in ("int8", "int4") and self.device.type != "cpu":
+            raise ValueError(f"weights: {config.weights} runs on the CPU kernels only so far; use --device cpu")
+        gguf = source_gguf(config.model)  # int4: its 4-bit blocks are used as stored
+        weights, self.hf_config = load_weights(
+            self.checkpoint, self.dtype, config.weights, config.weight_group_size, gguf
+        )
+        self.weights = to_device(weights, self.device)
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.eos_ids = eos_token_ids(self.checkpoint, self.tokenizer)
         shape = self.weights.shape
         self.num_layers = shape.num_layers
         self.max_model_len = self._max_model_len()
-        num_pages = config.num_pages or pages_for_budget(shape, self.dtype, config.page_size, config.kv_budget_bytes)
+        num_pages = config.num_pages or pages_for_budget(shape, self.dtype, config.page_size, self._kv_budget_bytes())
         self.pages = PageManager(num_pages, config.page_size)
         self.block_ranges = config.block_ranges(shape.num_layers)
         export_dir = self._export(num_pages) if config.backend != "torch" else None
-        kv_device, head_major = kv_layout(config)
+        kv_device, head_major = kv_layout(config, self.device)
         self.kv = KVStore(shape, num_pages, config.page_size, self.dtype, [kv_device] * shape.num_layers, head_major)
         self.backend = build_backend(config, self.weights, self.kv, self.block_ranges, export_dir)
         self.runner = ModelRunner(self.weights, self.backend, self.pages, config, self.max_model_len)
@@ -86,6 +106,9 @@ class LLMEngine:
         )
         if config.exit_policy != "none" or config.exit_gate is not None:
             self.runner.policy(config.exit_policy if config.exit_policy != "none" else "softmax")  # fail at load
+        self.spec = Speculator(  # lossless mode's drafts (a source that cannot run fails at load)
+            config, self.runner.loop, self.runner.head, self.pages, shape, self.block_ranges, self.max_model_len
+        )
         self._generators: dict[int, torch.Generator] = {}
         self._seed_counter = itertools.count(config.seed)
         self._seqs: dict[str, Sequence] = {}
@@ -114,6 +137,14 @@ class LLMEngine:
         except TensorRTUnavailable as exc:
             raise ValueError(f"backend tensorrt: {exc}; use backend onnxruntime or torch on this machine") from None
         return result.directory
+
+    def _kv_budget_bytes(self) -> int:
+        """``kv_budget_bytes``, or on a GPU with ``kv_budget_fraction`` that share of its free memory."""
+        fraction = self.config.kv_budget_fraction
+        if fraction is None or self.device.type != "cuda":
+            return self.config.kv_budget_bytes
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free * fraction)
 
     def _max_model_len(self) -> int:
         limit = self.weights.shape.max_position_embeddings
@@ -192,14 +223,16 @@ class LLMEngine:
             )
         if params.exit_policy not in (None, "none"):
             self.runner.policy(params.exit_policy)  # a policy that cannot run is refused here (ValueError)
+        lossless, spec = self.spec.new_request(params, len(prompt_token_ids))  # raises if its drafts cannot run
         if session_id is not None:
             self.sessions.open(session_id, request_id)  # last check: raises if the session is busy
         seq = Sequence(list(prompt_token_ids), params, request_id=request_id, session_id=session_id)
+        seq.lossless, seq.spec = lossless, spec
         if params.stop or detokenize:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else next(self._seed_counter)
-            self._generators[seq.seq_id] = torch.Generator().manual_seed(seed)
+            self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seed)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -247,13 +280,36 @@ class LLMEngine:
         its exit depth, and finished sequences are retired. Returns (sequences that got a token,
         sequences that finished)."""
         self.sessions.expire()
+        self.spec.plan(self.scheduler.running)
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return [], []
+        self.spec.propose(batch)  # lossless mode: drafts into the scheduled slots
         output = self.runner.run(batch, self._generators)
-        grown = self.scheduler.postprocess(batch, output.token_ids, output.exit_layers)
+        for item, tokens, depths in zip(batch.scheduled, output.token_ids, output.exit_layers):
+            kept = self._num_kept(item.seq, tokens)  # accepted drafts end at a stop, as plain decoding would
+            del tokens[kept:], depths[kept:]
+        grown = self.scheduler.postprocess(batch, output.token_ids, output.exit_layers, output.num_accepted)
+        self.spec.record(batch, output.num_accepted)
         finished = [seq for seq in grown if self._finish_if_done(seq)]
         return grown, finished
+
+    def _num_kept(self, seq: Sequence, tokens: list[int]) -> int:
+        """How many of a step's new tokens the sequence keeps: all, or (several accepted at once) up to
+        the first that ends it (EOS, a stop string, max_tokens, the context), as plain decoding would."""
+        if len(tokens) <= 1:
+            return len(tokens)
+        n = min(len(tokens), seq.params.max_tokens - len(seq.output_token_ids), self.max_model_len - seq.num_tokens)
+        if not seq.params.ignore_eos:
+            n = next((i + 1 for i, t in enumerate(tokens[:n]) if t in self.eos_ids), n)
+        detok = seq.detokenizer
+        if detok is not None and detok.stop and detok.stop_at is None:
+            detok.add(seq.output_token_ids[len(detok.token_ids) :])
+            for i in range(n):  # one at a time: the stop string may end inside the accepted tokens
+                detok.add(tokens[i : i + 1])
+                if detok.stop_at is not None:
+                    return i + 1
+        return n
 
     def _finish_if_done(self, seq: Sequence) -> bool:
         reason = self._stop_reason(seq)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offramp.config import EXIT_POLICIES
+from offramp.config import EXIT_POLICIES, SPEC_SOURCES
 
 GREEDY_EPS = 1e-5
+MODES = ("lossless", "early_exit")  # lossless: exactly the full model's output (exits only draft)
 
 
 @dataclass(slots=True)
@@ -29,6 +30,8 @@ class SamplingParams:
     ignore_eos: bool = False
     exit_policy: str | None = None  # None = the server's default
     exit_threshold: float | None = None  # None = the server's default
+    mode: str | None = None  # None = the server's default (lossless when its ``spec`` is not none)
+    spec: str | None = None  # draft source of the lossless mode; None = the server's (implies lossless)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -49,6 +52,12 @@ class SamplingParams:
             not _is_number(self.exit_threshold) or not math.isfinite(self.exit_threshold)
         ):
             raise ValueError(f"exit_threshold: must be a finite number, got {self.exit_threshold!r}")
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.spec is not None and self.spec not in SPEC_SOURCES:
+            raise ValueError(f"spec: {self.spec!r} is not one of {', '.join(SPEC_SOURCES)}")
+        if self.spec not in (None, "none") and self.mode == "early_exit":
+            raise ValueError(f"spec: drafts ({self.spec}) are verified in mode lossless, not early_exit")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
@@ -81,7 +90,13 @@ class Sampler:
 
     @staticmethod
     def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-        logits = (logits - logits.max()) / p.temperature  # [vocab]; shifted so tiny temperatures cannot overflow
+        return int(torch.multinomial(Sampler.probs(logits, p), 1, generator=gen).item())
+
+    @staticmethod
+    def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        """The distribution a sampled row draws from: [vocab] float32 after temperature, top-k, top-p."""
+        # [vocab]; shifted so that tiny temperatures cannot overflow
+        logits = (logits.float() - logits.max()) / p.temperature
         if p.top_k > 0 and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -90,5 +105,4 @@ class Sampler:
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
             logits = logits.scatter(0, order[drop], float("-inf"))
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=gen).item())
+        return logits.softmax(-1)

@@ -13,6 +13,14 @@ computing right now, admission pauses (FIFO is kept) for at most ``max_prefix_wa
 that the page is computed once and shared rather than computed by every sequence that arrived
 together. When pages run out, idle sessions are evicted (LRU) before any running sequence is
 preempted.
+
+Lossless mode (``spec.py``). A decoding sequence with a draft source may get draft slots: extra rows
+after its last token, within the token budget, with their pages allocated here. Drafts never cause a
+preemption or an eviction: they are given only from pages that leave one free page for each running
+sequence still to be scheduled this step (beyond that, only the free slots of the page the sequence
+needs anyway). ``postprocess`` appends the tokens the verification accepted, counts as computed only
+the K/V of accepted rows, and releases the pages past them (draft rows lie beyond the prompt, so
+such pages are never shared prefix pages).
 """
 
 from __future__ import annotations
@@ -29,12 +37,26 @@ from offramp.engine.sequence import FinishReason, SeqStatus, Sequence
 @dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) run now
+    num_new_tokens: int  # rows run now: tokens from num_computed_tokens on, then the drafts
+    num_draft_slots: int = 0  # draft rows this step may bring (their pages are allocated)
+    draft_token_ids: list[int] = field(default_factory=list)  # the drafts, filled after scheduling
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the sequence's last token, so a next token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids) == self.seq.num_tokens
+
+    def set_drafts(self, token_ids: list[int]) -> None:
+        """Bring these drafts (at most ``num_draft_slots``) after the last token."""
+        if self.draft_token_ids or self.num_new_tokens != 1 or len(token_ids) > self.num_draft_slots:
+            raise RuntimeError(f"seq {self.seq.seq_id}: {len(token_ids)} drafts do not fit this step's slots")
+        self.draft_token_ids = list(token_ids)
+        self.num_new_tokens = 1 + len(token_ids)
+
+    def token_ids(self) -> list[int]:
+        """The rows' tokens: the sequence's uncomputed ones this step covers, then the drafts."""
+        start = self.seq.num_computed_tokens
+        return self.seq.token_ids(start, start + self.num_new_tokens - len(self.draft_token_ids)) + self.draft_token_ids
 
 
 @dataclass(slots=True)
@@ -112,10 +134,11 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
-                self._grow(seq, num_new)
-                out.scheduled.append(ScheduledSeq(seq, num_new))
+                slots = self._draft_slots(seq, num_new, budget, len(queue))
+                self._grow(seq, num_new + slots)
+                out.scheduled.append(ScheduledSeq(seq, num_new, slots))
                 kept.append(seq)
-                budget -= num_new
+                budget -= num_new + slots
         self.running = kept
         if not out.preempted:
             self._admit(out, budget)
@@ -206,6 +229,20 @@ class Scheduler:
         self.pages.allocate(seq.seq_id, end)
         self.pages.check_writable(seq.seq_id, seq.num_computed_tokens, end)  # no copy-on-write is ever due
 
+    def _draft_slots(self, seq: Sequence, num_new: int, budget: int, num_others: int) -> int:
+        """Draft rows a decoding sequence in lossless mode may bring now (the pages for its
+        ``num_new`` are allocatable): what it wants, within the budget, in the page it needs anyway
+        and in free pages beyond one for each of the ``num_others`` sequences still to schedule."""
+        if seq.spec is None or num_new != 1 or seq.num_computed_tokens < seq.num_prompt_tokens:
+            return 0
+        k = min(seq.spec.num_wanted(seq.num_tokens), budget - num_new)
+        if k <= 0:
+            return 0
+        end = seq.num_computed_tokens + num_new
+        spare = self.pages.num_free_pages - self.pages.num_missing_pages(seq.seq_id, end) - num_others
+        held = max(len(self.pages.page_table(seq.seq_id)), self.pages.pages_for(end))
+        return max(0, min(k, (held + max(spare, 0)) * self.pages.page_size - end))
+
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s pages and queue it first in line; it is recomputed when readmitted."""
         self.pages.free(seq.seq_id)
@@ -216,24 +253,39 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def postprocess(
-        self, out: SchedulerOutput, sampled: list[int | None], exit_layers: list[int | None]
+        self,
+        out: SchedulerOutput,
+        token_ids: list[list[int]],
+        exit_layers: list[list[int]],
+        num_accepted: list[int] | None = None,
     ) -> list[Sequence]:
-        """Account the step's work; append each sampled token with the depth it left at. Returns the
-        sequences that got a token."""
+        """Account the step's work; append each sequence's new tokens (none, one, or with drafts the
+        accepted ones and the bonus token) with the depth each left at. Only rows whose K/V is exact
+        count as computed: the step's tokens and the first ``num_accepted`` drafts (and none beyond
+        the tokens kept: the caller may cut them at a stop). Returns the sequences that got tokens."""
         grown, now = [], time.perf_counter()
-        for item, token, depth in zip(out.scheduled, sampled, exit_layers):
+        accepted = num_accepted if num_accepted is not None else [0] * len(out.scheduled)
+        for item, tokens, depths, num_ok in zip(out.scheduled, token_ids, exit_layers, accepted, strict=True):
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
+            exact = item.num_new_tokens - len(item.draft_token_ids) + num_ok
             seq.num_run_tokens += item.num_new_tokens
-            if seq.prefix_keys:
-                self._register(seq)
-            if token is not None:
-                seq.output_token_ids.append(token)
-                seq.exit_layers.append(depth)
+            if tokens:
+                seq.output_token_ids.extend(tokens)
+                seq.exit_layers.extend(depths)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 grown.append(seq)
+            seq.num_computed_tokens = min(seq.num_computed_tokens + exact, seq.num_tokens)
+            if item.num_draft_slots:
+                self._roll_back(seq)
+            if seq.prefix_keys:
+                self._register(seq)
         return grown
+
+    def _roll_back(self, seq: Sequence) -> None:
+        """Release the pages past the computed tokens (allocated for drafts; rejected rows' K/V in a
+        kept page is masked and overwritten when those positions are computed)."""
+        self.pages.truncate(seq.seq_id, self.pages.pages_for(seq.num_computed_tokens))
 
     def _register(self, seq: Sequence) -> None:
         """Offer the full prompt pages whose K/V this admission has now computed to the registry."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from offramp.engine.detokenizer import IncrementalDetokenizer
 from offramp.engine.sampling import SamplingParams
+from offramp.engine.spec import SpecState
 
 _ids = itertools.count()
 
@@ -49,6 +50,8 @@ class Sequence:
     num_registered_pages: int = 0  # pages below this index are registered or were reused
     num_prefix_waits: int = 0  # steps spent waiting for another sequence to compute a shared prefix
     detokenizer: IncrementalDetokenizer | None = None  # text so far, for stop strings and streaming
+    lossless: bool = False  # every token is the full model's (early exits may only draft)
+    spec: SpecState | None = None  # lossless mode with drafts: the source and the adaptive draft length
 
     @property
     def num_tokens(self) -> int:

@@ -66,7 +66,8 @@ class LowRankHead(ExitHead):
             down, up = tensors[key], tensors.get(up_key)
             if up is None or down.dim() != 2 or down.shape[1] != hidden or up.shape != (hidden, down.shape[0]):
                 raise ValueError(f"exit_head: {path}: '{key}'/'{up_key}' must be [rank, {hidden}] and [{hidden}, rank]")
-            self.shortcuts[depth] = (down.to(dtype), up.to(dtype))
+            device = weights.embed.device
+            self.shortcuts[depth] = (down.to(device, dtype), up.to(device, dtype))
         if not self.shortcuts:
             raise ValueError(f"exit_head: {path} holds no 'down'/'up' shortcut tensors")
 

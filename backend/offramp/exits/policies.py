@@ -50,7 +50,7 @@ class NoExit(ExitPolicy):
     name = "none"
 
     def decide(self, check: ExitCheck) -> ExitDecision:
-        return ExitDecision(torch.zeros(check.hidden.shape[0], dtype=torch.bool))
+        return ExitDecision(torch.zeros(check.hidden.shape[0], dtype=torch.bool, device=check.hidden.device))
 
 
 class SoftmaxExit(ExitPolicy):
@@ -102,13 +102,18 @@ class ClassifierExit(ExitPolicy):
         None where this layer has no classifier."""
         if layer not in self.weight:
             return None
+        if self.weight[layer].device != hidden.device:  # moved once, to the engine's device
+            self.weight[layer], self.bias[layer] = (
+                self.weight[layer].to(hidden.device),
+                self.bias[layer].to(hidden.device),
+            )
         h = F.layer_norm(hidden.float(), hidden.shape[-1:])
         return torch.sigmoid(h @ self.weight[layer] + self.bias[layer])  # [n]
 
     def decide(self, check: ExitCheck) -> ExitDecision:
         prob = self.probability(check.hidden, check.layer)
         if prob is None:
-            return ExitDecision(torch.zeros(check.hidden.shape[0], dtype=torch.bool))
+            return ExitDecision(torch.zeros(check.hidden.shape[0], dtype=torch.bool, device=check.hidden.device))
         return ExitDecision(prob >= check.thresholds)
 
 
@@ -121,12 +126,16 @@ class GatedExit(ExitPolicy):
         self.name = f"{gate.name}+{confirm.name}"
 
     def decide(self, check: ExitCheck) -> ExitDecision:
-        n = check.hidden.shape[0]
+        n, device = check.hidden.shape[0], check.hidden.device
         gate_check = ExitCheck(
-            check.hidden, check.hidden_before, check.layer, torch.full((n,), self.gate_threshold), check.head
+            check.hidden,
+            check.hidden_before,
+            check.layer,
+            torch.full((n,), self.gate_threshold, device=device),
+            check.head,
         )
         rows = self.gate.decide(gate_check).leave.nonzero().flatten()
-        leave = torch.zeros(n, dtype=torch.bool)
+        leave = torch.zeros(n, dtype=torch.bool, device=device)
         if rows.numel() == 0:
             return ExitDecision(leave)
         sub = ExitCheck(check.hidden[rows], check.hidden_before[rows], check.layer, check.thresholds[rows], check.head)

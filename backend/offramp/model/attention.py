@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+HOST = torch.device("cpu")  # metadata is built here from the page tables, then copied once
+
 
 @dataclass(slots=True)
 class SeqSlice:
@@ -30,8 +32,8 @@ class SeqSlice:
         return len(self.redo) + self.num_new
 
     def positions(self) -> torch.Tensor:  # [num_rows] long
-        new = torch.arange(self.start, self.start + self.num_new)
-        return torch.cat((torch.tensor(self.redo, dtype=torch.long), new)) if self.redo else new
+        new = torch.arange(self.start, self.start + self.num_new, device=HOST)
+        return torch.cat((torch.tensor(self.redo, dtype=torch.long, device=HOST), new)) if self.redo else new
 
 
 @dataclass(slots=True)
@@ -59,39 +61,42 @@ class AttentionMetadata:
 def _new_slots(s: SeqSlice, page_size: int) -> torch.Tensor:
     """Slots where the rows' K/V go: [num_rows] long."""
     pos = s.positions()
-    table = torch.tensor(s.page_table, dtype=torch.long)
+    table = torch.tensor(s.page_table, dtype=torch.long, device=HOST)
     return table[pos // page_size] * page_size + pos % page_size
 
 
 def _page_tables(seqs: list[SeqSlice], page_size: int) -> tuple[torch.Tensor, int]:
     """[num_seqs, max_pages] page ids (0-padded; padding is masked) and the padded context length."""
     num_pages = [-(-(s.start + s.num_new) // page_size) for s in seqs]
-    pages = torch.zeros(len(seqs), max(num_pages), dtype=torch.long)
+    pages = torch.zeros(len(seqs), max(num_pages), dtype=torch.long, device=HOST)
     for i, (s, n) in enumerate(zip(seqs, num_pages)):
-        pages[i, :n] = torch.tensor(s.page_table[:n], dtype=torch.long)
+        pages[i, :n] = torch.tensor(s.page_table[:n], dtype=torch.long, device=HOST)
     return pages, max(num_pages) * page_size
 
 
 def _decode_group(seqs: list[SeqSlice], row: int, page_size: int) -> AttentionGroup:
     pages, padded_ctx = _page_tables(seqs, page_size)
-    lens = torch.tensor([s.start + 1 for s in seqs])
+    lens = torch.tensor([s.start + 1 for s in seqs], device=HOST)
     mask = None
     if bool((lens != padded_ctx).any()):
-        mask = (torch.arange(padded_ctx)[None, :] < lens[:, None])[:, None, None, :]  # [num_seqs, 1, 1, ctx]
+        mask = (torch.arange(padded_ctx, device=HOST)[None, :] < lens[:, None])[
+            :, None, None, :
+        ]  # [num_seqs, 1, 1, ctx]
     return AttentionGroup(row, row + len(seqs), len(seqs), 1, pages, mask)
 
 
 def _chunk_group(s: SeqSlice, row: int, page_size: int) -> AttentionGroup:
     pages, padded_ctx = _page_tables([s], page_size)
     qpos = s.positions()  # each query sees the keys at or before its position
-    mask = torch.arange(padded_ctx)[None, :] <= qpos[:, None]  # [num_rows, ctx]
+    mask = torch.arange(padded_ctx, device=HOST)[None, :] <= qpos[:, None]  # [num_rows, ctx]
     return AttentionGroup(row, row + s.num_rows, 1, s.num_rows, pages, mask[None, None])
 
 
 def build_metadata(
     seqs: list[SeqSlice], page_size: int, cos_table: torch.Tensor, sin_table: torch.Tensor
 ) -> AttentionMetadata:
-    """Index tensors for one step over ``seqs`` (all work is done once, not per layer)."""
+    """Index tensors for one step over ``seqs`` (all work is done once, not per layer). They are built
+    on the host from the page tables and copied to the RoPE tables' device in one go."""
     groups: list[AttentionGroup] = []
     positions, new_slots = [], []
     decode_run: list[SeqSlice] = []
@@ -109,15 +114,23 @@ def build_metadata(
         else:
             groups.append(_chunk_group(s, row, page_size))
         row += s.num_rows
-    pos = torch.cat(positions)
+    device = cos_table.device
+    pos = torch.cat(positions).to(device, non_blocking=True)
+    if device.type != "cpu":
+        groups = [_group_to(g, device) for g in groups]
     return AttentionMetadata(
         positions=pos,
-        slot_mapping=torch.cat(new_slots),
+        slot_mapping=torch.cat(new_slots).to(device, non_blocking=True),
         cos=cos_table[pos].unsqueeze(1),
         sin=sin_table[pos].unsqueeze(1),
         groups=groups,
         page_size=page_size,
     )
+
+
+def _group_to(g: AttentionGroup, device: torch.device) -> AttentionGroup:
+    mask = None if g.mask is None else g.mask.to(device, non_blocking=True)
+    return AttentionGroup(g.row_start, g.row_end, g.num_seqs, g.max_new, g.kv_pages.to(device, non_blocking=True), mask)
 
 
 def paged_attention(

@@ -2,7 +2,8 @@
 
 Matches Hugging Face ``transformers``' Llama/Mistral/Qwen2 modules operation for operation, so
 that greedy output is token-identical. Q/K/V and gate/up projections are fused into one matrix
-each (fewer, larger matrix products).
+each (fewer, larger matrix products). A linear weight is a plain tensor or a weight-only quantized one
+(``quant``: int8 per channel, int4 group-wise); ``linear`` dispatches on which.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from offramp.model.attention import AttentionMetadata, paged_attention
+from offramp.model.quant import Weight
 
 
 @dataclass(slots=True)
@@ -32,12 +34,12 @@ class ModelShape:
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    qkv: Weight  # [(heads + 2 * kv_heads) * head_dim, hidden]
     qkv_bias: torch.Tensor | None  # [(heads + 2 * kv_heads) * head_dim] (Qwen2)
-    o_proj: torch.Tensor  # [hidden, heads * head_dim]
+    o_proj: Weight  # [hidden, heads * head_dim]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Weight  # [2 * intermediate, hidden]
+    down: Weight  # [hidden, intermediate]
 
 
 @dataclass(slots=True)
@@ -46,9 +48,22 @@ class ModelWeights:
     embed: torch.Tensor  # [vocab, hidden]
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [vocab, hidden] (the embedding itself when tied)
+    lm_head: Weight  # [vocab, hidden] (the embedding itself when tied and not quantized)
     inv_freq: torch.Tensor  # [head_dim // 2] float32
     attention_scaling: float = 1.0
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T + bias``: [num_tokens, in] -> [num_tokens, out], for a tensor or a quantized weight."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    y = w.matmul(x)  # [num_tokens, out] in x's dtype (bfloat16)
+    return y if bias is None else y + bias
+
+
+def weight_rows(w: Weight, start: int) -> Weight | None:
+    """Output rows ``start:`` of a weight, or None where a packed layout cannot be cut there."""
+    return w[start:] if isinstance(w, torch.Tensor) else w.rows(start)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,7 +82,7 @@ def rope_tables(
     The first half of the sin table is negated, so that ``rotate_half(x) * sin`` becomes
     ``roll(x, half) * signed_sin`` (bit-identical: only a sign moves).
     """
-    pos = torch.arange(max_len, dtype=torch.float32)
+    pos = torch.arange(max_len, dtype=torch.float32, device=inv_freq.device)
     freqs = pos[:, None] * inv_freq[None, :].float()  # [max_len, head_dim // 2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, head_dim]
     cos, sin = (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
@@ -92,16 +107,16 @@ def decoder_layer(
     n = x.shape[0]
     nh, nkv, hd = shape.num_heads, shape.num_kv_heads, shape.head_dim
     h = rms_norm(x, w.input_norm, shape.rms_norm_eps)
-    qkv = F.linear(h, w.qkv, w.qkv_bias)  # [n, (nh + 2 nkv) * hd]
+    qkv = linear(h, w.qkv, w.qkv_bias)  # [n, (nh + 2 nkv) * hd]
     qk = apply_rope(qkv[:, : (nh + nkv) * hd].view(n, nh + nkv, hd), meta.cos, meta.sin)
     q, k = qk.split((nh, nkv), dim=1)  # [n, nh, hd], [n, nkv, hd]
     k_store.index_copy_(0, meta.slot_mapping, k)
     v_store.index_copy_(0, meta.slot_mapping, qkv[:, (nh + nkv) * hd :].view(n, nkv, hd))
     attn = paged_attention(q, k_store, v_store, meta)  # [n, nh * hd]
-    x = x + F.linear(attn, w.o_proj)
+    x = x + linear(attn, w.o_proj)
     h = rms_norm(x, w.post_norm, shape.rms_norm_eps)
-    gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [n, intermediate] each
-    return x + F.linear(F.silu(gate) * up, w.down)
+    gate, up = linear(h, w.gate_up).chunk(2, dim=-1)  # [n, intermediate] each
+    return x + linear(F.silu(gate) * up, w.down)
 
 
 def project_kv(
@@ -114,12 +129,16 @@ def project_kv(
     n = x.shape[0]
     nh, nkv, hd = shape.num_heads, shape.num_kv_heads, shape.head_dim
     h = rms_norm(x, w.input_norm, shape.rms_norm_eps)
-    bias = None if w.qkv_bias is None else w.qkv_bias[nh * hd :]
-    k, v = F.linear(h, w.qkv[nh * hd :], bias).split((nkv * hd, nkv * hd), dim=-1)
+    kv_w = weight_rows(w.qkv, nh * hd)  # [2 * nkv * hd, hidden]
+    if kv_w is None:  # a packed layout that cannot be cut at nh * hd: run the whole QKV product
+        kv = linear(h, w.qkv, w.qkv_bias)[:, nh * hd :]  # [n, 2 * nkv * hd]
+    else:
+        kv = linear(h, kv_w, None if w.qkv_bias is None else w.qkv_bias[nh * hd :])  # [n, 2 * nkv * hd]
+    k, v = kv.split((nkv * hd, nkv * hd), dim=-1)
     return apply_rope(k.view(n, nkv, hd), cos, sin), v.view(n, nkv, hd)
 
 
 def final_logits(weights: ModelWeights, x: torch.Tensor) -> torch.Tensor:
     """[num_rows, hidden] -> [num_rows, vocab] in float32."""
     h = rms_norm(x, weights.final_norm, weights.shape.rms_norm_eps)
-    return F.linear(h, weights.lm_head).float()
+    return linear(h, weights.lm_head).float()

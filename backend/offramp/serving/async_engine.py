@@ -3,10 +3,13 @@
 One thread owns the ``LLMEngine`` and runs an iteration whenever there is work. Callers hand in
 ``RequestHandle`` objects (with an ``emit`` callback and an ``is_cancelled`` probe) from any
 thread. Every request gets exactly one final event: on success, on error and on cancellation.
+An error in the loop itself fails the requests in flight, is logged with its traceback (a repeat
+of the same error once more only as a count) and makes the loop back off, so it cannot spin.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import sys
 import threading
@@ -17,6 +20,9 @@ from dataclasses import dataclass, field
 from offramp.engine.llm_engine import LLMEngine
 from offramp.engine.sequence import Sequence
 from offramp.serving.requests import GenerateRequest, RequestError
+
+log = logging.getLogger("offramp.engine_loop")
+BACKOFF_S = (0.05, 1.0)  # the loop's wait after a failed pass: doubles per repeat, within these bounds
 
 
 @dataclass(slots=True)
@@ -45,6 +51,7 @@ class RequestHandle:
     seq: Sequence | None = None
     emitted_tokens: int = 0
     session_id: str | None = None  # a turn of this stateful session (see LLMEngine.add_request)
+    submitted_at: float = field(default_factory=time.perf_counter)  # TTFT and latency count from here
 
 
 @dataclass(slots=True)
@@ -96,6 +103,10 @@ class AsyncEngine:
         self._num_pending = 0
         self._drain_s = 30.0
         self._deadline: float | None = None
+        self._clock = time.monotonic  # of the drain deadline (tests drive it)
+        self._last_error: str | None = None  # the loop's last error, while it repeats
+        self._num_repeats = 0
+        self._backoff_s = 0.0
         self._thread = threading.Thread(target=self._loop, name="offramp-engine", daemon=True)
 
     @property
@@ -155,7 +166,40 @@ class AsyncEngine:
                 if self._iterate():
                     return
             except Exception as exc:  # a fault must not strand requests: each gets its final event
-                self._fail_all(RequestError(f"internal error in the engine: {exc!r}", code="internal"))
+                if self._loop_failed(exc):
+                    return
+            else:
+                self._recovered()
+
+    def _loop_failed(self, exc: Exception) -> bool:
+        """After a failed pass: fail the live requests, log the error (with its traceback the first
+        time it occurs in a row), and wait before the next pass (doubling, bounded). True when the
+        thread should end (shutting down: queued requests are refused)."""
+        self._fail_all(RequestError(f"internal error in the engine: {exc!r}", code="internal"))
+        key = f"{type(exc).__name__}: {exc}"
+        if key != self._last_error:
+            self._log_repeats()
+            log.error("offramp: error in the engine loop (backing off): %s", key, exc_info=exc)
+            self._last_error = key
+        else:
+            self._num_repeats += 1
+        low, high = BACKOFF_S
+        self._backoff_s = min(high, max(low, self._backoff_s * 2))  # until a pass goes through
+        if self._stop.wait(self._backoff_s):
+            self._refuse_queued()
+            return True
+        return False
+
+    def _log_repeats(self) -> None:
+        if self._num_repeats:
+            log.error("offramp: the engine loop error above repeated %d more time(s)", self._num_repeats)
+        self._num_repeats = 0
+
+    def _recovered(self) -> None:
+        """A pass went through: close the account of the last error and reset the back-off."""
+        if self._last_error is not None:
+            self._log_repeats()
+            self._last_error, self._backoff_s = None, 0.0
 
     def _iterate(self) -> bool:
         """One pass of the loop; True when the thread should end."""
@@ -163,8 +207,8 @@ class AsyncEngine:
         self._cancel()
         self._end_sessions()
         if self._stop.is_set():
-            self._deadline = self._deadline or time.monotonic() + self._drain_s
-            if not self._live or time.monotonic() > self._deadline:
+            self._deadline = self._deadline or self._clock() + self._drain_s
+            if not self._live or self._clock() > self._deadline:
                 for handle in list(self._live.values()):
                     self._abort(handle)
                 self._refuse_queued()
@@ -204,11 +248,13 @@ class AsyncEngine:
             self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
 
     def _fail_all(self, error: RequestError) -> None:
+        """Every live request gets its final (error) event, even if aborting it fails too."""
         for handle in list(self._live.values()):
             try:
                 self.engine.abort(handle.request_id)
-            finally:
-                self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
+            except Exception as exc:
+                log.error("offramp: could not abort %s after an engine error: %r", handle.request_id, exc)
+            self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
 
     def _admit(self) -> None:
         for handle in self._queued():
@@ -218,6 +264,7 @@ class AsyncEngine:
                 handle.seq = self.engine.add_request(
                     handle.request_id, handle.prompt_token_ids, req.params, handle.session_id, detokenize=True
                 )
+                handle.seq.arrival_time = handle.submitted_at  # waiting in the inbox counts toward TTFT
                 self._live[handle.request_id] = handle
             except Exception as exc:  # bad input -> invalid; anything else -> internal, this request only
                 if isinstance(exc, RequestError):
@@ -270,6 +317,10 @@ class AsyncEngine:
                 self.on_stats(stats)
             except Exception as exc:  # metrics must never fail a request
                 print(f"offramp: metrics update failed: {exc!r}", file=sys.stderr, flush=True)
+
+    def snapshot(self) -> EngineStats:
+        """The engine's state now, for metrics at load (call it while no request is in flight)."""
+        return self._stats(0)
 
     def _stats(self, num_new: int) -> EngineStats:
         sched = self.engine.scheduler

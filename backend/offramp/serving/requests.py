@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from offramp.engine.sampling import SamplingParams
@@ -23,7 +24,18 @@ SAMPLING_KEYS = {
     "ignore_eos": bool,
     "exit_policy": str,
     "exit_threshold": float,
+    "mode": str,  # "lossless": exactly the full model's output (early exits only draft), or "early_exit"
+    "spec": str,  # the lossless mode's draft source: none, ngram or exit
+    "min_tokens": int,  # vLLM's; only as far as ignore_eos reaches (see _apply_min_tokens)
 }
+
+# genai-perf / AIPerf (``--backend vllm``) send numbers as strings ("256"), as other vLLM-backend
+# deployments accept: a plain decimal or exponent literal in a string counts as that number.
+NUMERIC_STRING = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+# Where each exit policy's score lives, so a threshold it can never reach is refused:
+# (low, high, low included). Softmax: top-1 probability; classifier: sigmoid; similarity: cosine.
+THRESHOLD_RANGES = {"softmax": (0.0, 1.0, False), "classifier": (0.0, 1.0, False), "similarity": (-1.0, 1.0, True)}
 
 
 class RequestError(ValueError):
@@ -77,8 +89,12 @@ def _flag(value: object, name: str) -> bool:
     raise RequestError(f"{name}: expected a boolean")
 
 
-def parse_sampling_parameters(text: str | None, max_tokens_default: int) -> SamplingParams:
-    """The JSON object of ``sampling_parameters`` -> ``SamplingParams`` (strict: unknown keys fail)."""
+def parse_sampling_parameters(
+    text: str | None, max_tokens_default: int, default_exit_policy: str | None = None
+) -> SamplingParams:
+    """The JSON object of ``sampling_parameters`` -> ``SamplingParams`` (strict: unknown keys fail).
+    ``default_exit_policy`` (the server's) decides the range of an ``exit_threshold`` sent without
+    an ``exit_policy``; unknown (None), the widest range of any policy applies."""
     if text is None or not text.strip():
         return SamplingParams(max_tokens=max_tokens_default)
     try:
@@ -94,16 +110,62 @@ def parse_sampling_parameters(text: str | None, max_tokens_default: int) -> Samp
     for key, value in raw.items():
         values[key] = _typed(key, value)
     values.setdefault("max_tokens", max_tokens_default)
+    _apply_min_tokens(values, values.pop("min_tokens", None))
     try:
-        return SamplingParams(**values)
+        params = SamplingParams(**values)
     except ValueError as exc:
         raise RequestError(f"sampling_parameters.{exc}") from None
+    _check_threshold(params.exit_threshold, params.exit_policy or default_exit_policy)
+    return params
+
+
+def _apply_min_tokens(values: dict, min_tokens: int | None) -> None:
+    """vLLM's ``min_tokens`` (no EOS before that many tokens) where it equals ``ignore_eos``: 0, or at
+    least ``max_tokens``, as genai-perf's ``--output-tokens-mean-deterministic`` sends (equal)."""
+    if min_tokens is None or min_tokens == 0:
+        return
+    if min_tokens < 0 or min_tokens < values["max_tokens"]:
+        raise RequestError(
+            f"sampling_parameters.min_tokens: only 0 or a value >= max_tokens ({values['max_tokens']}, "
+            f"the same as ignore_eos) is supported, got {min_tokens}"
+        )
+    values["ignore_eos"] = True
+
+
+def _check_threshold(threshold: float | None, policy: str | None) -> None:
+    """A threshold outside its policy's score range would never (or always) let a token leave."""
+    if threshold is None or policy == "none":
+        return
+    low, high, low_included = THRESHOLD_RANGES.get(policy, (-1.0, 1.0, True))
+    if (low <= threshold if low_included else low < threshold) and threshold <= high:
+        return
+    name = f"{policy}'s" if policy in THRESHOLD_RANGES else "every policy's"
+    bracket = "[" if low_included else "("
+    raise RequestError(
+        f"sampling_parameters.exit_threshold: {threshold:g} is outside {name} range {bracket}{low:g}, {high:g}]"
+    )
+
+
+def _from_string(key: str, value: str, kind: type) -> int | float:
+    """A numeric string as the number it spells (integer fields need an integer value)."""
+    text = value.strip()
+    number = float(text) if NUMERIC_STRING.fullmatch(text) else math.nan
+    if not math.isfinite(number):
+        expected = "an integer" if kind is int else "a finite number"
+        raise RequestError(f"sampling_parameters.{key}: expected {expected}, got {value!r}")
+    if kind is float:
+        return number
+    if not number.is_integer():
+        raise RequestError(f"sampling_parameters.{key}: expected an integer, got {value!r}")
+    return int(text) if re.fullmatch(r"[+-]?\d+", text) else int(number)
 
 
 def _typed(key: str, value: object) -> object:
     kind = SAMPLING_KEYS[key]
-    if value is None and key in ("seed", "exit_policy", "exit_threshold"):
+    if value is None and key in ("seed", "exit_policy", "exit_threshold", "mode", "spec"):
         return None
+    if kind in (int, float) and isinstance(value, str):
+        return _from_string(key, value, kind)
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         if isinstance(value, float) and value.is_integer():
             return int(value)
@@ -130,6 +192,7 @@ def parse_request(
     exclude_input_in_output: object = None,
     max_tokens_default: int = 64,
     max_prompt_chars: int = 1 << 20,
+    default_exit_policy: str | None = None,
 ) -> GenerateRequest:
     """Validate one request's inputs (``None`` for an input that was not sent)."""
     if text_input is None:
@@ -142,7 +205,7 @@ def parse_request(
     params_text = None if sampling_parameters is None else _text(sampling_parameters, "sampling_parameters")
     return GenerateRequest(
         prompt=prompt,
-        params=parse_sampling_parameters(params_text, max_tokens_default),
+        params=parse_sampling_parameters(params_text, max_tokens_default, default_exit_policy),
         stream=_flag(stream, "stream"),
         exclude_input_in_output=_flag(exclude_input_in_output, "exclude_input_in_output"),
     )

@@ -32,6 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offramp.model.loader import ModelLoadError, cache_root, resolve_model
+from offramp.serving import server_guard
+from offramp.serving.openai_gateway import served_model, start_gateway, stop_gateway
+from offramp.serving.server_guard import child_preexec
+
+GRACE_S = 40.0  # tritonserver drains within --exit-timeout-secs=30; then its group is killed
 
 
 @dataclass(slots=True)
@@ -124,30 +129,53 @@ def run_server(
     metrics: int = 8002,
     timeout: float = 300.0,
     host: str = "127.0.0.1",
+    openai_port: int | None = None,
+    openai_host: str = "127.0.0.1",
 ) -> int:
-    """Start, wait until ready, print how to use it, and serve until Ctrl-C / SIGTERM."""
+    """Start, wait until ready, print how to use it, and serve until Ctrl-C / SIGTERM / SIGHUP. With
+    ``openai_port`` the OpenAI-compatible gateway runs beside the server and stops with it. However
+    this returns (a signal, an error, the server's own exit), tritonserver and everything it started
+    are stopped first; if this process is killed outright, the kernel signals the guard, which stops
+    them (Linux; see ``server_guard``)."""
     if not (repo / "offramp" / "config.pbtxt").is_file():
         raise ModelLoadError(f"{repo} is not an Offramp model repository (no offramp/config.pbtxt)")
     if "model" in overrides:
         overrides["model"] = str(resolve_model(overrides["model"]))  # de-quantize a GGUF before serving
     paths = find_tritonserver(cache_root() / "triton")
-    proc = subprocess.Popen(
-        server_command(paths, repo.resolve(), http, grpc, metrics, host), env=server_env(paths, overrides)
+    proc = subprocess.Popen(  # the guard leads tritonserver's process group (see server_guard)
+        [sys.executable, server_guard.__file__, str(os.getpid()), str(GRACE_S), "--"]
+        + server_command(paths, repo.resolve(), http, grpc, metrics, host),
+        env=server_env(paths, overrides),
+        preexec_fn=child_preexec(os.getpid()),
     )
     stop = {"signal": False}
 
     def forward(signum, _frame):
+        if not stop["signal"] and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # once: the guard has tritonserver drain and exit
         stop["signal"] = True
-        proc.send_signal(signal.SIGINT)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    gateway = None
     try:
-        wait_ready(proc, http, timeout)
-    except RuntimeError as exc:
-        proc.terminate()
-        proc.wait(30)
-        raise ModelLoadError(str(exc)) from None
+        try:
+            wait_ready(proc, http, timeout)
+        except RuntimeError as exc:
+            if stop["signal"]:
+                return 0  # stopped while starting
+            raise ModelLoadError(str(exc)) from None
+        if openai_port is not None:
+            gateway = start_gateway(openai_host, openai_port, host, grpc, served_model(repo, overrides))
+        _print_usage(host, http, grpc, metrics, openai_host if gateway else None, openai_port)
+        code = proc.wait()
+    finally:
+        stop_gateway(gateway)  # the gateway stops with the server
+        stop_server(proc, already_signalled=stop["signal"])
+    return 0 if stop["signal"] else code
+
+
+def _print_usage(host: str, http: int, grpc: int, metrics: int, openai_host: str | None, openai_port: int | None):
     body = json.dumps({"text_input": "What is the capital of France?", "sampling_parameters": '{"max_tokens": 32}'})
     print(
         f"offramp: serving on http://{host}:{http} (gRPC {grpc}, metrics {metrics}); Ctrl-C stops.\n"
@@ -156,5 +184,22 @@ def run_server(
         f"  offramp-client --url localhost:{grpc} chat          (model offramp_chat: a conversation)",
         flush=True,
     )
-    code = proc.wait()
-    return 0 if stop["signal"] else code
+    if openai_host is not None:
+        print(f"  OpenAI API: http://{openai_host}:{openai_port}/v1 (model offramp)", flush=True)
+
+
+def stop_server(proc: subprocess.Popen, grace: float = GRACE_S + 10, already_signalled: bool = False) -> None:
+    """Stop the guard and its whole process group (tritonserver, the stubs): SIGINT (the guard has
+    tritonserver drain, then kills what is left), then after ``grace`` seconds SIGKILL for whatever
+    of the group is still there; returns once the guard has been reaped."""
+    if proc.poll() is None and not already_signalled:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # nothing of the group may outlive us
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()

@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,8 +69,15 @@ class Metrics:
         self.shared_pages = metric(
             "offramp_prefix_shared_kv_pages", "KV pages held by more than one sequence or session", fam.GAUGE
         )
+        self.spec_drafts = metric(
+            "offramp_spec_draft_tokens_total", "Draft tokens verified by the full model (lossless mode)", fam.COUNTER
+        )
+        self.spec_accepted = metric(
+            "offramp_spec_accepted_tokens_total", "Draft tokens the full model accepted (lossless mode)", fam.COUNTER
+        )
         self._preemptions = 0
         self._evictions = 0
+        self._spec_counts = (0, 0)  # cumulative (drafts, accepted) already counted
 
     def update(self, s: EngineStats) -> None:
         self.running.set(s.num_running)
@@ -95,12 +103,47 @@ class Metrics:
         for t in s.tpot_s:
             self.tpot.observe(t)
 
+    def update_spec(self, num_draft_tokens: int, num_accepted_tokens: int) -> None:
+        """The engine's cumulative draft and accepted token counts (lossless mode)."""
+        drafts, accepted = self._spec_counts
+        if num_draft_tokens > drafts:
+            self.spec_drafts.increment(num_draft_tokens - drafts)
+        if num_accepted_tokens > accepted:
+            self.spec_accepted.increment(num_accepted_tokens - accepted)
+        self._spec_counts = (max(drafts, num_draft_tokens), max(accepted, num_accepted_tokens))
+
+
+def instance_device(args: dict, device: str | None) -> str | None:
+    """A ``KIND_GPU`` instance runs on the GPU Triton gave it (``cuda:<model_instance_device_id>``)
+    unless ``engine.json`` names a device of its own; other instances keep ``device``."""
+    if device in (None, "cuda") and args.get("model_instance_kind") == "GPU":
+        return f"cuda:{int(args.get('model_instance_device_id', 0))}"
+    return device
+
+
+def exit_with_parent(interval_s: float = 0.5) -> threading.Thread:
+    """End this process (the Python-backend stub) at once when its parent, tritonserver, is gone.
+    The stub's own check for that can hang when the server dies while a model is still loading,
+    which left the stub orphaned with the model's memory; this one needs nothing but the GIL."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)  # reparented: the server is gone, and nothing here can be handed back to it
+
+    thread = threading.Thread(target=watch, name="offramp-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
 
 class ModelAdapter:
     """One served model: settings from ``engine.json`` (plus ``offramp serve``'s overrides), the
     engine thread, the metrics and the thread that sends responses, for ``model.py`` to use."""
 
-    def __init__(self, pb, args: dict, extra_outputs: tuple[str, ...] = ()) -> None:
+    def __init__(self, pb, args: dict, extra_outputs: tuple[str, ...] = (), watch_parent: bool = True) -> None:
+        if watch_parent:
+            exit_with_parent()  # first: loading the model can take long
         model_config = json.loads(args["model_config"])
         self.name = args["model_name"]
         if not pb.using_decoupled_model_transaction_policy(model_config):
@@ -110,12 +153,15 @@ class ModelAdapter:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         overrides = json.loads(os.environ.get(OVERRIDES_ENV, "{}"))
         self.config = load_serving_config(version_dir / "engine.json", overrides)
+        self.config.engine.device = instance_device(args, self.config.engine.device)
         self.metrics: Metrics | None = None
         self.engine = AsyncEngine(
             lambda: LLMEngine(self.config.engine), self.config.max_queued_requests, self._on_stats
         )
         self.engine.start()  # the engine is built on its own thread (see AsyncEngine)
-        self.metrics = Metrics(pb, self.name, self.engine.engine.num_layers)
+        metrics = Metrics(pb, self.name, self.engine.engine.num_layers)
+        metrics.update(self.engine.snapshot())  # every gauge holds the engine's state from load on
+        self.metrics = metrics
         self.outbox: queue.Queue = queue.Queue()
         self.sender = threading.Thread(target=self._send_loop, name=f"{self.name}-responses", daemon=True)
         self.sender.start()
@@ -123,6 +169,8 @@ class ModelAdapter:
     def _on_stats(self, stats: EngineStats) -> None:
         if self.metrics is not None:
             self.metrics.update(stats)
+            loop = self.engine.engine.runner.stats  # on the engine thread: the counts are current
+            self.metrics.update_spec(loop.num_draft_tokens, loop.num_accepted_tokens)
 
     @property
     def tokenizer(self):
@@ -143,7 +191,8 @@ class ModelAdapter:
     def parse(self, request) -> GenerateRequest:
         """The request's inputs, validated (``RequestError`` names the bad field)."""
         values = [self.input(request, name) for name in INPUTS]
-        return parse_request(*values, self.config.default_max_tokens, self.config.max_prompt_chars)
+        cfg = self.config
+        return parse_request(*values, cfg.default_max_tokens, cfg.max_prompt_chars, cfg.engine.exit_policy)
 
     def emitter(self, sender) -> Callable[[StreamEvent], None]:
         """The ``emit`` callback for a request: events go to the response thread, in order."""

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from offramp.engine.llm_engine import LLMEngine
 from offramp.engine.sampling import SamplingParams
 from offramp.engine.sequence import Sequence
+from offramp.model.weight_bytes import resident_weight_bytes, weight_bytes_per_token
 
 
 def load_prompts(path: str | None = None, bundled: str = "prompts.jsonl") -> list[str]:
@@ -149,17 +150,15 @@ def quality_vs_full_depth(
     progress: bool,
     ignore_eos: bool = False,
 ) -> dict:
-    """After the timed run: teacher-forced token agreement with the full model, and the share of
-    outputs identical to a full-depth greedy run of the same prompts (same ``ignore_eos``)."""
-    agree = [ok for p, o in zip(prompt_ids, outputs) for ok in engine.teacher_forced_agreement(p, o)]
+    """After the timed run, against a full-depth greedy run of the same prompts (same ``ignore_eos``):
+    ``reference_agreement``, ``lcs_frac``, ``distinct2`` beside ``full_depth_distinct2``,
+    ``sequence_match`` and ``self_teacher_agreement`` (see ``tools/quality.py``)."""
+    from offramp.tools.quality import quality_metrics
+
     full = SamplingParams(max_tokens=max_tokens, exit_policy="none", ignore_eos=ignore_eos)
     metrics, full_outputs = run_engine(engine, prompt_ids, concurrency, max_tokens, progress, params=full)
-    same = sum(a == b for a, b in zip(outputs, full_outputs))
-    return {
-        "token_agreement": round(sum(agree) / len(agree), 4) if agree else None,
-        "sequence_match": round(same / len(outputs), 4),
-        "full_depth_tokens_per_s": metrics["tokens_per_s"],
-    }
+    quality = quality_metrics(engine, prompt_ids, outputs, full_outputs, concurrency)
+    return {**quality, "full_depth_tokens_per_s": metrics["tokens_per_s"]}
 
 
 def bench_prompt_ids(engine: LLMEngine, prompts: list[str], num_requests: int) -> list[list[int]]:
@@ -183,16 +182,23 @@ def bench(
     compare_hf: bool = False,
     progress: bool = True,
     ignore_eos: bool = False,
+    compare_llamacpp: bool = False,
 ) -> dict:
-    """One JSON-able result line: the engine's figures, and HF's when asked, measured back to back."""
+    """One JSON-able result line: the engine's figures, and HF's or llama.cpp's when asked, measured
+    back to back."""
     prompt_ids = bench_prompt_ids(engine, prompts, num_requests)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
     metrics, outputs = run_engine(engine, prompt_ids, concurrency, max_tokens, progress, params=params)
     cfg = engine.config
+    spec = _spec_metrics(engine, metrics) if cfg.spec != "none" else {}  # before other runs reset the stats
     result = {
         "backend": engine.config.backend,
         "model": engine.config.model,
         "dtype": engine.config.dtype,
+        "weights": cfg.weights,
+        "weight_group_size": cfg.weight_group_size if cfg.weights == "int4" else None,
+        "weight_bytes": resident_weight_bytes(engine.weights),
+        "weight_bytes_per_token": weight_bytes_per_token(engine.weights),
         "layers_per_block": engine.config.layers_per_block,
         "concurrency": concurrency,
         "num_requests": num_requests,
@@ -208,6 +214,10 @@ def bench(
         "exit_gate_threshold": cfg.exit_gate_threshold if cfg.exit_gate and cfg.exit_policy == "softmax" else None,
         **metrics,
     }
+    if spec:
+        result.update(spec)
+        result.update(_spec_vs_plain(engine, prompt_ids, outputs, concurrency, max_tokens, progress, ignore_eos))
+        result["speedup"] = round(result["tokens_per_s"] / result["plain_tokens_per_s"], 3)
     if cfg.exit_policy != "none":
         result.update(quality_vs_full_depth(engine, prompt_ids, outputs, concurrency, max_tokens, progress, ignore_eos))
     if compare_hf:
@@ -218,4 +228,54 @@ def bench(
         result["speedup_vs_hf"] = round(result["tokens_per_s"] / hf_metrics["hf_tokens_per_s"], 3)
         same = sum(a == b for a, b in zip(outputs, hf_outputs))
         result["hf_sequence_match"] = round(same / len(outputs), 3)
+    if compare_llamacpp:
+        result.update(_llamacpp(engine, prompt_ids, max_tokens, ignore_eos, result["tokens_per_s"]))
     return result
+
+
+def _llamacpp(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int, ignore_eos: bool, ours: float) -> dict:
+    """llama.cpp on the same GGUF, same token ids, one request at a time (``tools/llamacpp.py``)."""
+    from offramp.model.loader import source_gguf
+    from offramp.tools import llamacpp
+
+    gguf = source_gguf(engine.config.model)
+    found = llamacpp.compare(gguf, prompt_ids, max_tokens, ignore_eos, torch.get_num_threads(), engine.eos_ids)
+    if "llamacpp_tokens_per_s" in found:
+        found["speedup_vs_llamacpp"] = round(ours / found["llamacpp_tokens_per_s"], 3)
+    return found
+
+
+def _spec_metrics(engine: LLMEngine, metrics: dict) -> dict:
+    """Lossless mode's figures of the timed run (``--spec``)."""
+    stats, cfg = engine.runner.stats, engine.config
+    drafts, accepted, verified = stats.num_draft_tokens, stats.num_accepted_tokens, stats.num_verifications
+    return {
+        "spec": cfg.spec,
+        "spec_max_draft": cfg.spec_max_draft,
+        "spec_adaptive": cfg.spec_adaptive,
+        "spec_exit_depth": engine.spec.exit_depth() if cfg.spec == "exit" else None,
+        "spec_verify_costs": [round(c, 3) for c in engine.spec.lengths.costs],  # verification step, k drafts
+        "draft_tokens": drafts,
+        "accepted_tokens": accepted,
+        "acceptance_rate": round(accepted / drafts, 4) if drafts else None,
+        "num_verifications": verified,
+        "mean_accepted_per_verify": round(accepted / verified, 3) if verified else None,
+        "draft_cost_frac": round(stats.draft_s / metrics["wall_s"], 4) if metrics["wall_s"] else None,
+    }
+
+
+def _spec_vs_plain(
+    engine: LLMEngine,
+    prompt_ids: list[list[int]],
+    outputs: list[list[int]],
+    concurrency: int,
+    max_tokens: int,
+    progress: bool,
+    ignore_eos: bool,
+) -> dict:
+    """The same prompts decoded plainly (full depth, no drafts) in the same run: its speed, and the
+    share of outputs identical to the lossless run's (1.0 unless a float near-tie flips)."""
+    plain = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, exit_policy="none", mode="early_exit")
+    metrics, plain_outputs = run_engine(engine, prompt_ids, concurrency, max_tokens, progress, params=plain)
+    same = sum(a == b for a, b in zip(outputs, plain_outputs))
+    return {"plain_tokens_per_s": metrics["tokens_per_s"], "sequence_match": round(same / len(outputs), 4)}

@@ -144,7 +144,8 @@ def train_shortcut(
     up = torch.zeros(hidden, cfg.rank, requires_grad=True)  # starts as the identity head
     opt = torch.optim.Adam([down, up], lr=cfg.lr)
     head_dtype = getattr(torch, cfg.head_precision)
-    lm_head = weights.lm_head.to(head_dtype)  # [vocab, hidden], cast once
+    head = weights.lm_head  # a tensor, or packed int8/int4 weights (--weights): trained against their values
+    lm_head = (head if isinstance(head, torch.Tensor) else head.dequantize()).to(head_dtype)  # [vocab, hidden]
     norm, eps = weights.final_norm.float(), weights.shape.rms_norm_eps
     n = source.shape[0]
     for _ in tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False):

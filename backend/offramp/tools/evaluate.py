@@ -191,8 +191,12 @@ def summary(report: dict, calibration: dict, calibrated: dict, sim: dict | None)
         "calibrated_mean_exit_layer": sim["mean_exit_layer"] if sim else None,
         "calibrated_est_speedup": sim["est_speedup"] if sim else None,
         "calibrated_speedup": measured.get("speedup"),
-        "measured_token_agreement": measured.get("token_agreement"),
+        "measured_reference_agreement": measured.get("reference_agreement"),
+        "measured_lcs_frac": measured.get("lcs_frac"),
+        "measured_distinct2": measured.get("distinct2"),
+        "measured_full_depth_distinct2": measured.get("full_depth_distinct2"),
         "measured_sequence_match": measured.get("sequence_match"),
+        "measured_self_teacher_agreement": measured.get("self_teacher_agreement"),
     }
     return out
 

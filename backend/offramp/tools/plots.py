@@ -13,6 +13,15 @@ def _label(row: dict) -> str:
     return label
 
 
+def quality_of(row: dict) -> tuple[float | None, str]:
+    """A bench row's quality figure and its axis label: ``reference_agreement``, or in JSON written
+    before it existed, the self-teacher agreement (``token_agreement`` then), which loops can pass."""
+    if row.get("reference_agreement") is not None:
+        return row["reference_agreement"], "reference agreement (teacher-forced along the full model's output)"
+    value = row.get("self_teacher_agreement", row.get("token_agreement"))
+    return value, "self-teacher agreement (along its own output; old JSON)"
+
+
 def plot_bench(jsonl: Path) -> Path:
     """Bar chart of tokens/s per run in a bench JSONL file (HF baseline beside it when present)."""
     import matplotlib
@@ -51,14 +60,15 @@ def plot_tradeoff(jsonl: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("full_depth_tokens_per_s")]
+    rows = [r for r in rows if r.get("full_depth_tokens_per_s") and quality_of(r)[0] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"propagate": "o", "recompute": "s"}
     for r in rows:
         policy = r["exit_policy"] + ("+gate" if r.get("exit_gate") else "")
         speedup = r["tokens_per_s"] / r["full_depth_tokens_per_s"]
+        quality, xlabel = quality_of(r)
         ax.scatter(
-            r["token_agreement"],
+            quality,
             speedup,
             marker=markers.get(r["kv_fill"], "x"),
             s=50,
@@ -66,13 +76,13 @@ def plot_tradeoff(jsonl: Path) -> Path:
         )
         ax.annotate(
             f"{policy} {r['exit_threshold']}",
-            (r["token_agreement"], speedup),
+            (quality, speedup),
             fontsize=7,
             xytext=(4, 2),
             textcoords="offset points",
         )
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("token agreement with full depth (teacher-forced)")
+    ax.set_xlabel(xlabel if rows else "agreement with full depth")
     ax.set_ylabel("speed / full depth (same run)")
     ax.set_title("early exit: speed vs quality (o propagate, s recompute)")
     fig.tight_layout()
@@ -237,7 +247,8 @@ def render_markdown(report: dict, pngs: list[str]) -> str:
     lines += ["", "## Measured (offramp bench, calibrated policy then full depth, same process)", ""]
     if measured:
         keys = ["tokens_per_s", "full_depth_tokens_per_s", "speedup", "exit_rate", "mean_exit_layer"]
-        keys += ["token_agreement", "sequence_match", "check_cost_frac", "num_requests", "concurrency", "max_tokens"]
+        keys += ["reference_agreement", "lcs_frac", "distinct2", "full_depth_distinct2", "sequence_match"]
+        keys += ["self_teacher_agreement", "check_cost_frac", "num_requests", "concurrency", "max_tokens"]
         lines += _table(keys, [[measured.get(k) for k in keys]])
     else:
         lines.append("Not measured (run `offramp eval --measure`).")

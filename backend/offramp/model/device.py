@@ -1,0 +1,42 @@
+"""Where the model lives: resolving ``device`` (cpu | cuda | cuda:N) and moving weights there."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from offramp.config import DEVICE_PATTERN
+
+
+def available_devices() -> list[str]:
+    """``cpu`` and every visible GPU, as ``cuda:N``."""
+    return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device ``name`` asks for; None means ``cuda`` when a GPU is visible, else ``cpu``. A device
+    that does not exist here raises ``ValueError`` naming the ones that do."""
+    if name is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or not DEVICE_PATTERN.match(name):
+        raise ValueError(f"device: {name!r} is not cpu, cuda or cuda:N")
+    found = available_devices()
+    wanted = "cuda:0" if name == "cuda" else name
+    if wanted not in found:
+        raise ValueError(f"device: {name} is not available on this host; devices here: {', '.join(found)}")
+    return torch.device(wanted)
+
+
+def to_device(obj, device: torch.device):
+    """``obj`` with every tensor in it (dataclass fields, lists, dicts, nested) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: to_device(getattr(obj, f.name), device) for f in dataclasses.fields(obj)}
+        return dataclasses.replace(obj, **changes)
+    if isinstance(obj, list):
+        return [to_device(x, device) for x in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,180 @@
+"""Weight-only quantized linear weights for torch's CPU kernels: int8 per output channel, int4 per group.
+
+* ``Int8Weight``: ``w ~ q * scale`` with one bfloat16 scale per output row, multiplied by
+  ``torch.ops.aten._weight_int8pack_mm`` (bfloat16 activations).
+* ``Int4Weight``: asymmetric groups of ``group_size`` input columns, ``w ~ (q - 8) * scale + zero``
+  with ``q`` in 0..15, multiplied by ``torch.ops.aten._weight_int4pack_mm_for_cpu``. The kernel's packed
+  layout depends on the CPU's vector width (rows are interleaved in blocks of up to 64), so what is
+  stored on disk is the portable ``Int4Codes`` form and the kernel layout is made at load.
+
+Scales and zeros are bfloat16 because the CPU kernels take them in the activation dtype. Quantization
+here is round-to-nearest (RTN); GGUF's own 4-bit blocks become ``Int4Codes`` in ``gguf_blocks``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ROW_MULTIPLE = 16  # the CPU int4 packer needs N % 16 == 0: other widths get zero rows (sliced off)
+ROW_BLOCK = 64  # the widest row interleave of the CPU int4 layout: row slices at multiples of it stay valid
+
+
+@dataclass(slots=True)
+class Int8Weight:
+    """Weight-only int8, one scale per output channel."""
+
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N] bfloat16
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def numel(self) -> int:
+        return self.q.numel()
+
+    def nbytes(self) -> int:
+        return _nbytes(self.q, self.scale)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [n, K] bfloat16 -> [n, N] bfloat16
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
+
+    def rows(self, start: int) -> Int8Weight | None:
+        """Output rows ``start:`` (e.g. the K/V part of a fused QKV)."""
+        return Int8Weight(self.q[start:], self.scale[start:])
+
+    def dequantize(self) -> torch.Tensor:  # [N, K] float32
+        return self.q.float() * self.scale.float()[:, None]
+
+
+@dataclass(slots=True)
+class Int4Codes:
+    """The portable int4 form: ``w = (codes - 8) * scale + zero`` per group of input columns."""
+
+    codes: torch.Tensor  # [N, K] uint8 in 0..15
+    scale: torch.Tensor  # [N, K // group_size] float32
+    zero: torch.Tensor  # [N, K // group_size] float32
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:  # [N, K] float32, with the scales and zeros as held
+        scale = self.scale.repeat_interleave(self.group_size, dim=1)  # [N, K]
+        zero = self.zero.repeat_interleave(self.group_size, dim=1)  # [N, K]
+        return (self.codes.float() - 8) * scale + zero
+
+    def scale_zero(self) -> torch.Tensor:  # [K // group, N, 2] bfloat16, as the CPU kernel reads them
+        return torch.stack((self.scale, self.zero), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+
+
+@dataclass(slots=True)
+class Int4Weight:
+    """Weight-only int4 in the CPU kernel's packed layout (made at load, not portable across CPUs)."""
+
+    packed: torch.Tensor  # [N_pad, K // 2] uint8, N_pad = N rounded up to a multiple of 16
+    scale_zero: torch.Tensor  # [K // group_size, N_pad, 2] bfloat16
+    group_size: int
+    out_features: int  # N: rows beyond it are zero padding
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.packed.shape[1] * 2)
+
+    def numel(self) -> int:
+        return self.out_features * self.packed.shape[1] * 2
+
+    def nbytes(self) -> int:
+        return _nbytes(self.packed, self.scale_zero)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [n, K] bfloat16 -> [n, N] bfloat16
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size, self.scale_zero)
+        return y if y.shape[1] == self.out_features else y[:, : self.out_features]
+
+    def rows(self, start: int) -> Int4Weight | None:
+        """Output rows ``start:``, or None where the packed layout cannot be cut there."""
+        if start % ROW_BLOCK:
+            return None
+        sz = self.scale_zero[:, start:].contiguous()  # [K // group, N_pad - start, 2]
+        return Int4Weight(self.packed[start:], sz, self.group_size, self.out_features - start)
+
+    def dequantize(self) -> torch.Tensor:  # [N, K] float32 (exact: the kernel's own float32 path on I)
+        k = self.packed.shape[1] * 2
+        eye = torch.eye(k, dtype=torch.float32)
+        cols = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scale_zero.float())
+        return cols.t()[: self.out_features].contiguous()
+
+
+QuantWeight = Int8Weight | Int4Weight
+Weight = torch.Tensor | Int8Weight | Int4Weight
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weight_nbytes(w: Weight) -> int:
+    """Bytes a weight holds in memory (packed data, scales and zeros included)."""
+    return _nbytes(w) if isinstance(w, torch.Tensor) else w.nbytes()
+
+
+def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 value >= x (x >= 0), as float32: a scale that covers the whole range."""
+    r = x.to(torch.bfloat16)
+    up = (r.view(torch.int16) + 1).view(torch.bfloat16)  # the next bfloat16 above r (r >= 0, finite)
+    return torch.where(r.float() < x, up.float(), r.float())
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    """Symmetric RTN per output row: scale = max|w| / 127 (bfloat16, rounded up), q in -127..127."""
+    w = w.float()  # [N, K]
+    scale = _round_up_bf16(w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.bfloat16).tiny)  # [N]
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # [N, K]
+    return Int8Weight(q, scale.to(torch.bfloat16))
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Codes:
+    """Asymmetric RTN per group: scale = (max - min) / 15 and zero = min + 8 * scale, both rounded to
+    bfloat16 *before* the codes are chosen, so |w - dequantized| <= scale / 2 plus the zero's rounding."""
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"weight_group_size: {group_size} does not divide the input width {k}")
+    g = w.float().reshape(n, k // group_size, group_size)  # [N, K / g, g]
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # [N, K / g]
+    scale = _round_up_bf16((hi - lo) / 15).clamp_min(torch.finfo(torch.bfloat16).tiny)  # [N, K / g]
+    zero = (lo + 8 * scale).to(torch.bfloat16).float()  # [N, K / g]
+    codes = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15)  # [N, K / g, g]
+    return Int4Codes(codes.to(torch.uint8).reshape(n, k), scale, zero, group_size)
+
+
+def concat_codes(parts: list[Int4Codes]) -> Int4Codes:
+    """Fuse along the output rows (e.g. Q, K, V -> QKV): groups run along K, so rows are independent."""
+    return Int4Codes(
+        torch.cat([p.codes for p in parts]),
+        torch.cat([p.scale for p in parts]),
+        torch.cat([p.zero for p in parts]),
+        parts[0].group_size,
+    )
+
+
+def nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes 0..15 -> [N, K // 2] uint8, even columns in the low nibble (the on-disk form)."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unnibble(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K // 2] uint8 -> [N, K] int32 codes 0..15 (inverse of ``nibbles``)."""
+    wide = packed.to(torch.int32)  # [N, K // 2]
+    return torch.stack((wide & 15, wide >> 4), dim=-1).view(packed.shape[0], -1)
+
+
+def int4_weight(packed_nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int) -> Int4Weight:
+    """The CPU kernel's layout from the on-disk form (nibbles [N, K // 2], scale_zero [K // g, N, 2])."""
+    codes = unnibble(packed_nibbles)  # [N, K] int32
+    n = codes.shape[0]
+    pad = -n % ROW_MULTIPLE
+    if pad:
+        codes = torch.cat([codes, torch.full((pad, codes.shape[1]), 8, dtype=torch.int32)])  # [N_pad, K]
+        zeros = torch.zeros(scale_zero.shape[0], pad, 2, dtype=scale_zero.dtype)
+        scale_zero = torch.cat([scale_zero, zeros], dim=1)  # [K // g, N_pad, 2]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)  # [N_pad, K // 2]
+    return Int4Weight(packed, scale_zero.contiguous(), group_size, n)

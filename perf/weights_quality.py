@@ -1,0 +1,61 @@
+"""Teacher-forced agreement of each weight format with Hugging Face float32 greedy output.
+
+HF ``transformers`` (float32, greedy, up to EOS) answers the bundled prompts once; then each Offramp
+format reads prompt + HF's answer in one full-depth pass, and we count the positions where its argmax
+is HF's token. One JSON line per format.
+
+Usage: .venv/bin/python perf/weights_quality.py [--formats none:float32,bf16:bfloat16,int8:bfloat16,int4:bfloat16]
+       [--num-prompts 40] [--max-tokens 64] [--num-threads 2] [--model default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from offramp.config import EngineConfig
+from offramp.engine.llm_engine import LLMEngine
+from offramp.tools.bench import bench_prompt_ids, load_prompts, run_hf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", default="none:float32,bf16:bfloat16,int8:bfloat16,int4:bfloat16")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--num-prompts", type=int, default=40)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--num-threads", type=int, default=2)
+    parser.add_argument("--weight-group-size", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(args.num_threads)
+    prompts = load_prompts()[: args.num_prompts]
+    reference = None
+    for spec in args.formats.split(","):
+        weights, dtype = spec.split(":")
+        config = EngineConfig(
+            model=args.model,
+            dtype=dtype,
+            weights=weights,
+            weight_group_size=args.weight_group_size,
+            num_threads=args.num_threads,
+        )
+        engine = LLMEngine(config)
+        ids = bench_prompt_ids(engine, prompts, len(prompts))
+        if reference is None:
+            _, reference = run_hf(engine.checkpoint, torch.float32, ids, 1, args.max_tokens, engine.eos_ids, False)
+        agree = [ok for p, o in zip(ids, reference) for ok in engine.teacher_forced_agreement(p, o)]
+        row = {
+            "dtype": dtype,
+            "weights": weights,
+            "weight_group_size": args.weight_group_size if weights == "int4" else None,
+            "num_prompts": len(prompts),
+            "num_tokens": len(agree),
+            "token_agreement_vs_hf_float32": round(sum(agree) / len(agree), 4),
+        }
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

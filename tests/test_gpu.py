@@ -1,0 +1,96 @@
+"""The PyTorch engine on CUDA (skipped without a GPU; ``perf/gpu_check.sh`` runs these on one).
+
+- float32 on CUDA is token-identical to Hugging Face greedy generate (tiny models; the default model);
+- bfloat16 on CUDA agrees with float32 teacher-forced (the same bar as on CPU);
+- with exits on, CPU and CUDA float32 take the same exit decisions and the same tokens;
+- a greedy decode step with exits off synchronises the host at most twice (measured with
+  ``torch.cuda.set_sync_debug_mode``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from offramp import EngineConfig, SamplingParams
+from offramp.engine.llm_engine import LLMEngine
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20, 21] * 6, [30]]
+
+
+def _hf_greedy(path, prompt_ids: list[int], max_tokens: int, device: str) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    ids = torch.tensor([prompt_ids], device=device)
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt_ids) :].tolist()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_float32_on_cuda_is_token_identical_to_hf(tiny_models, model_type):
+    path = tiny_models[model_type]
+    engine = LLMEngine(EngineConfig(model=str(path), page_size=4, device="cuda", use_chat_template=False))
+    assert engine.weights.embed.device.type == "cuda" and engine.kv.k[0].device.type == "cuda"
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == _hf_greedy(path, prompt, 12, "cuda")
+
+
+@pytest.mark.default_model
+def test_default_model_on_cuda_float32_matches_hf_and_bfloat16_agrees(default_checkpoint):
+    engine = LLMEngine(EngineConfig(model=str(default_checkpoint), device="cuda"))
+    prompt = engine.encode("Name three primary colors.")
+    ours = engine.generate([prompt], SamplingParams(max_tokens=24))[0]
+    assert ours.token_ids == _hf_greedy(default_checkpoint, prompt, len(ours.token_ids), "cuda")
+    bf16 = LLMEngine(EngineConfig(model=str(default_checkpoint), device="cuda", dtype="bfloat16"))
+    out = bf16.generate([prompt], SamplingParams(max_tokens=24))[0]
+    agree = engine.teacher_forced_agreement(prompt, out.token_ids)
+    assert sum(agree) / len(agree) >= 0.9
+
+
+@pytest.mark.parametrize("kv_fill", ["propagate", "recompute"])
+def test_exits_take_the_same_decisions_on_cpu_and_cuda(tiny_models, kv_fill):
+    common = dict(
+        model=str(tiny_models["llama"]),
+        page_size=4,
+        layers_per_block=1,
+        exit_policy="softmax",
+        exit_threshold=0.2,
+        kv_fill=kv_fill,
+        use_chat_template=False,
+    )
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    cpu = LLMEngine(EngineConfig(device="cpu", **common)).generate(PROMPTS, params)
+    gpu = LLMEngine(EngineConfig(device="cuda", **common)).generate(PROMPTS, params)
+    assert [o.exit_layers for o in gpu] == [o.exit_layers for o in cpu]
+    assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
+    assert any(d < 4 for o in gpu for d in o.exit_layers)  # exits did happen
+
+
+def test_a_greedy_decode_step_synchronises_at_most_twice(tiny_models):
+    engine = LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4, device="cuda"))
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()  # prefill
+    torch.cuda.synchronize()
+    counts = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        while engine.has_work:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.step()
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print(f"host synchronisations per decode step: {counts}")
+    assert counts and max(counts) <= 2
