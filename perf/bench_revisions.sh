@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 before=$1 after=$2 repeats=${3:-3}
 shift $(( $# < 3 ? $# : 3 ))
+extra=("$@")
 PY=$PWD/.venv/bin/python
 tmp=$(mktemp -d)
 trap 'git worktree remove --force "$tmp/before" 2>/dev/null; git worktree remove --force "$tmp/after" 2>/dev/null; rm -rf "$tmp"' EXIT
@@ -17,12 +18,12 @@ run() {  # tree concurrency
   local tree=$1 c=$2 n=$(( $2 == 1 ? 8 : 32 )) cli=offramp.cli.main
   [ -f "$tree/backend/offramp/cli.py" ] && cli=offramp.cli
   (cd "$tree" && PYTHONPATH=backend:export:client "$PY" -m "$cli" bench --model default --concurrency "$c" \
-     --num-requests "$n" --max-tokens 64 --ignore-eos --num-threads 2 --json "$@" 2>/dev/null | tail -1)
+     --num-requests "$n" --max-tokens 64 --ignore-eos --num-threads 2 --json "${extra[@]}" 2>/dev/null | tail -1)
 }
 for c in 1 16; do
   for i in $(seq "$repeats"); do
     for rev in before after; do
-      line=$(run "$tmp/$rev" "$c" "$@")
+      line=$(run "$tmp/$rev" "$c")
       echo "{\"revision\": \"$rev\", \"rev\": \"$(git rev-parse --short "${!rev}")\", \"run\": $i, \"result\": $line}"
     done
   done
