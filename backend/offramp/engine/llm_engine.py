@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -15,6 +13,7 @@ from offramp.blocks.factory import build_backend, kv_layout
 from offramp.config import EngineConfig
 from offramp.engine.detokenizer import IncrementalDetokenizer, first_stop
 from offramp.engine.drafts import Speculator
+from offramp.engine.exported_blocks import prepare_export
 from offramp.engine.kv_sessions import CacheStats, KVSessionTable
 from offramp.engine.page_manager import PageManager
 from offramp.engine.runner import ModelRunner
@@ -25,7 +24,6 @@ from offramp.model.decoder import final_logits
 from offramp.model.device import resolve_device, to_device
 from offramp.model.kv_store import KVStore, pages_for_budget
 from offramp.model.loader import (
-    cache_root,
     eos_token_ids,
     load_tokenizer,
     load_weights,
@@ -55,20 +53,6 @@ class RequestOutput:
     extra: dict = field(default_factory=dict)
 
 
-def default_export_dir(checkpoint: Path, config: EngineConfig) -> Path:
-    """Where exported blocks of this checkpoint and layout are cached when no export_dir is set."""
-    key = repr(
-        (
-            str(checkpoint.resolve()),
-            config.layers_per_block,
-            config.block_boundaries,
-            config.page_size,
-            config.exit_head,
-        )
-    )
-    return cache_root() / "export" / f"{checkpoint.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -95,7 +79,10 @@ class LLMEngine:
         num_pages = config.num_pages or pages_for_budget(shape, self.dtype, config.page_size, self._kv_budget_bytes())
         self.pages = PageManager(num_pages, config.page_size)
         self.block_ranges = config.block_ranges(shape.num_layers)
-        export_dir = self._export(num_pages) if config.backend != "torch" else None
+        export_dir = None
+        if config.backend != "torch":  # exported graphs: export (or reuse) first, build TensorRT engines
+            limits = (self.max_model_len, num_pages * config.page_size, shape.num_kv_heads)
+            export_dir = prepare_export(config, self.checkpoint, self.block_ranges, *limits)
         kv_device, head_major = kv_layout(config, self.device)
         self.kv = KVStore(shape, num_pages, config.page_size, self.dtype, [kv_device] * shape.num_layers, head_major)
         self.backend = build_backend(config, self.weights, self.kv, self.block_ranges, export_dir)
@@ -112,31 +99,6 @@ class LLMEngine:
         self._generators: dict[int, torch.Generator] = {}
         self._seed_counter = itertools.count(config.seed)
         self._seqs: dict[str, Sequence] = {}
-
-    def _export(self, num_pages: int) -> Path:
-        """Exported backends: export the blocks (or reuse an up-to-date export), and build the
-        TensorRT engines for ``tensorrt``; returns the export directory."""
-        from offramp_export import export_model
-        from offramp_export.tensorrt_build import ProfileLimits, TensorRTUnavailable, build_engines, check_tensorrt
-
-        config = self.config
-        try:
-            if config.backend == "tensorrt":
-                check_tensorrt()  # before exporting: fail fast where TensorRT cannot run
-            export_dir = Path(config.export_dir) if config.export_dir else default_export_dir(self.checkpoint, config)
-            exit_head = Path(config.exit_head) if config.exit_head else None
-            result = export_model(config.model, self.block_ranges, config.page_size, export_dir, exit_head)
-            if config.backend == "tensorrt":
-                limits = ProfileLimits(
-                    config.max_num_seqs,
-                    config.max_num_batched_tokens,
-                    self.max_model_len,
-                    num_pages * config.page_size,
-                )
-                build_engines(result.directory, config.trt_precision, limits, self.weights.shape.num_kv_heads)
-        except TensorRTUnavailable as exc:
-            raise ValueError(f"backend tensorrt: {exc}; use backend onnxruntime or torch on this machine") from None
-        return result.directory
 
     def _kv_budget_bytes(self) -> int:
         """``kv_budget_bytes``, or on a GPU with ``kv_budget_fraction`` that share of its free memory."""
