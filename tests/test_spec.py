@@ -235,7 +235,11 @@ def test_lossless_request_with_exits_on_uses_exits_only_as_drafts(tiny_models, r
 
 
 def test_streamed_lossless_request_streams_accepted_tokens_and_matches_plain_text(tiny_models, reference):
-    a = AsyncEngine(lambda: _spec_engine(tiny_models, "oracle", reference, spec_adaptive=False, spec_max_draft=3))
+    stats = []
+    a = AsyncEngine(
+        lambda: _spec_engine(tiny_models, "oracle", reference, spec_adaptive=False, spec_max_draft=3),
+        on_stats=stats.append,
+    )
     a.start()
     try:
         finals, streams = {}, {}
@@ -262,6 +266,10 @@ def test_streamed_lossless_request_streams_accepted_tokens_and_matches_plain_tex
     assert tokens == [t for e in streams["plain"] for t in e.token_ids] == reference[tuple(PROMPTS[5])][:20]
     assert max(len(e.token_ids) for e in streams["lossless"]) > 1  # accepted drafts stream together
     assert max(len(e.token_ids) for e in streams["plain"]) == 1
+    # metrics count every token, accepted drafts included (one exit depth per token)
+    assert sum(s.new_tokens for s in stats) == 40 == sum(len(s.exit_layers) for s in stats)
+    busiest = max(stats, key=lambda s: s.new_tokens)
+    assert busiest.new_tokens > busiest.batch_size  # a verification step grew a row by several tokens
 
 
 def test_sampling_parameters_carry_mode_and_spec():

@@ -50,6 +50,7 @@ class RequestHandle:
     prompt_token_ids: list[int] = field(default_factory=list)
     seq: Sequence | None = None
     emitted_tokens: int = 0
+    counted_tokens: int = 0  # output tokens already reported to metrics (a speculative step adds several)
     session_id: str | None = None  # a turn of this stateful session (see LLMEngine.add_request)
     submitted_at: float = field(default_factory=time.perf_counter)  # TTFT and latency count from here
 
@@ -217,7 +218,7 @@ class AsyncEngine:
             self._step()
         else:
             if self.engine.expire_sessions():
-                self._report(self._stats(0))  # their pages were freed outside a step
+                self._report(self._stats())  # their pages were freed outside a step
             self._wake.wait(0.05)
             self._wake.clear()
         return False
@@ -231,7 +232,7 @@ class AsyncEngine:
             for handle in [h for h in self._live.values() if h.session_id == session_id]:
                 self._abort(handle)
             self.engine.end_session(session_id)
-            self._report(self._stats(0))
+            self._report(self._stats())
 
     def _queued(self):
         """Take every request waiting in the inbox, without blocking."""
@@ -289,17 +290,20 @@ class AsyncEngine:
     def _abort(self, handle: RequestHandle) -> None:
         self.engine.abort(handle.request_id)
         self._final(handle)
-        self._report(self._stats(0))  # pages were freed outside a step
+        self._report(self._stats())  # pages were freed outside a step
 
     def _step(self) -> None:
         grown, finished = self.engine.step()
-        stats = self._stats(len(grown))
+        stats = self._stats()
+        stats.batch_size = len(grown)
         done = {s.request_id for s in finished}
         for seq in grown:
             handle = self._live.get(seq.request_id)
             if handle is None:
                 continue
-            stats.exit_layers.append(seq.exit_layers[-1])
+            start, handle.counted_tokens = handle.counted_tokens, len(seq.output_token_ids)
+            stats.exit_layers.extend(seq.exit_layers[start:])  # one per token, accepted drafts included
+            stats.new_tokens += handle.counted_tokens - start
             if len(seq.output_token_ids) == 1 and seq.first_token_time is not None:
                 stats.ttft_s.append(seq.first_token_time - seq.arrival_time)
             if seq.request_id in done:
@@ -320,9 +324,9 @@ class AsyncEngine:
 
     def snapshot(self) -> EngineStats:
         """The engine's state now, for metrics at load (call it while no request is in flight)."""
-        return self._stats(0)
+        return self._stats()
 
-    def _stats(self, num_new: int) -> EngineStats:
+    def _stats(self) -> EngineStats:
         sched = self.engine.scheduler
         cache = self.engine.cache_stats
         return EngineStats(
@@ -331,8 +335,6 @@ class AsyncEngine:
             pages_used=self.engine.pages.num_used_pages,
             pages_free=self.engine.pages.num_free_pages,
             num_preemptions=sched.num_preemptions,
-            batch_size=num_new,
-            new_tokens=num_new,
             num_sessions=cache.num_sessions,
             session_pages=cache.num_session_pages,
             session_evictions=cache.num_session_evictions,
