@@ -2,7 +2,10 @@
 # genai-perf against the served Offramp model, both ways in, at fixed input/output lengths:
 #   triton: the Triton model `offramp` over gRPC streaming with the vLLM-backend tensors
 #           (--endpoint-type kserve --backend vllm, driven by perf_analyzer);
-#   openai: the OpenAI-compatible gateway's /v1/chat/completions, streaming (server-sent events).
+#   openai: the OpenAI-compatible gateway's /v1/completions, streaming (server-sent events): the same
+#           prompt text, hence the same input tokens, as the Triton target;
+#   openai-chat: the gateway's /v1/chat/completions: the model's chat template wraps the prompt (for
+#           SmolLM2 a default system message and role markers, about 25 more input tokens each).
 # Every request asks for exactly OSL tokens: through Triton, --output-tokens-mean-deterministic sends
 # min_tokens == max_tokens (Offramp serves it as ignore_eos); through the gateway (where genai-perf
 # refuses that flag), --extra-inputs ignore_eos:true. Results (TTFT, inter-token latency,
@@ -10,7 +13,7 @@
 # results/genai/ (genai-perf's own artifacts).
 #
 # Usage: perf/genai_perf.sh [CONCURRENCY...]        (default: 1 4 16)
-# Environment: TARGETS="triton openai", ISL=128, OSL=64, REQUESTS (per level; default 8 x concurrency,
+# Environment: TARGETS="triton openai openai-chat", ISL=128, OSL=64, REQUESTS (per level; default 8 x concurrency,
 # at least 16), WARMUP=2 (requests per target at concurrency 1 first, not measured: perf_analyzer
 # 2.50 never ends a run that has --warmup-request-count at a concurrency above 1), MODEL=default
 # (the tokenizer genai-perf counts with), OUT=docs/bench/serving.
@@ -23,7 +26,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 levels=("${@:-1 4 16}"); read -r -a levels <<< "${levels[*]}"
-targets=${TARGETS:-triton openai}
+targets=${TARGETS:-triton openai openai-chat}
 isl=${ISL:-128}
 osl=${OSL:-64}
 out=${OUT:-docs/bench/serving}
@@ -64,8 +67,9 @@ common=(-m offramp --tokenizer "$tokenizer" --streaming --random-seed 0
 target_args() {
   case $1 in
     triton) where=(--endpoint-type kserve --backend vllm -u "$grpc" --output-tokens-mean-deterministic) ;;
-    openai) where=(--endpoint-type chat -u "$openai" --extra-inputs ignore_eos:true) ;;
-    *) echo "perf-genai: unknown target $1 (triton or openai)" >&2; exit 2 ;;
+    openai) where=(--endpoint-type completions -u "$openai" --extra-inputs ignore_eos:true) ;;
+    openai-chat) where=(--endpoint-type chat -u "$openai" --extra-inputs ignore_eos:true) ;;
+    *) echo "perf-genai: unknown target $1 (triton, openai or openai-chat)" >&2; exit 2 ;;
   esac
 }
 profile() {  # TARGET CONCURRENCY REQUESTS DIR

@@ -74,7 +74,8 @@ def main() -> None:
     (args.out / "genai_perf.json").write_text(json.dumps({**meta, "runs": rows}, indent=1) + "\n", encoding="utf-8")
     intro = (
         f"genai-perf 0.0.16, {args.isl} input / {args.osl} output tokens per request (fixed), streaming; "
-        f"triton = gRPC `--endpoint-type kserve --backend vllm`, openai = the gateway's /v1/chat/completions. "
+        f"triton = gRPC `--endpoint-type kserve --backend vllm`, openai = the gateway's /v1/completions (the same prompt text), "
+        f"openai-chat = its /v1/chat/completions (the chat template adds a system message). "
         f"{when} UTC, `make perf-genai`.\n\n"
     )
     (args.out / "genai_perf.md").write_text(intro + table(rows), encoding="utf-8")
