@@ -153,7 +153,19 @@ def _group_attention(
     # Whole pages are gathered (one row per page, not per token): [b, pages * page_size, kv_heads, head_dim]
     k = k_store.view(-1, page_size * k_store.shape[1] * hd).index_select(0, flat).view(b, -1, k_store.shape[1], hd)
     v = v_store.view(-1, page_size * v_store.shape[1] * hd).index_select(0, flat).view(b, -1, v_store.shape[1], hd)
-    out = F.scaled_dot_product_attention(
-        q.view(b, t, nh, hd).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=g.mask, enable_gqa=True
-    )  # [b, heads, t, head_dim]
+    q = q.view(b, t, nh, hd)
+    if t == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+        # decode rows: torch's CPU attention kernel is up to 5-10x slower in bfloat16 than in float32
+        # on machines without native bfloat16 arithmetic, growing with the context (perf/attention_dtype.py;
+        # prompt chunks gain nothing); the upcast copies are small next to it
+        out = _sdpa(q.float(), k.float(), v.float(), g.mask).to(q.dtype)
+    else:
+        out = _sdpa(q, k, v, g.mask)
     return out.transpose(1, 2).reshape(b * t, nh * hd)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q: [b, t, heads, head_dim]; k, v: [b, ctx, kv_heads, head_dim] -> [b, heads, t, head_dim]."""
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+    )
