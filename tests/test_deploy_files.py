@@ -32,6 +32,18 @@ def test_compose_file():
     assert (REPO / svc["build"]["dockerfile"]).is_file()
 
 
+def test_compose_openai_profile_runs_the_gateway_against_the_offramp_service():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    svc = compose["services"]["openai"]
+    assert svc["profiles"] == ["openai"] and svc["image"] == compose["services"]["offramp"]["image"]
+    assert svc["depends_on"]["offramp"]["condition"] == "service_healthy"
+    command = svc["command"]
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'{command[0]} = "offramp_gateway.cli:main"' in pyproject  # the console script the image installs
+    assert "--triton-url=offramp:8001" in command and "--host=0.0.0.0" in command
+    assert "127.0.0.1:9000:9000" in svc["ports"] and "/health" in " ".join(svc["healthcheck"]["test"])
+
+
 def test_perf_input_data():
     data = json.loads((REPO / "perf" / "input_data.json").read_text())["data"]
     assert len(data) >= 10
