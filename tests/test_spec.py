@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from offramp import EngineConfig, SamplingParams
+from offramp.blocks.base import BlockBackend
 from offramp.engine.drafts import DraftSource, ngram_lookup
 from offramp.engine.kv_sessions import KVSessionTable, session_owner
 from offramp.engine.llm_engine import LLMEngine
@@ -32,7 +33,8 @@ from offramp.engine.spec import (
     resolve_spec,
     verify_costs,
 )
-from offramp.model.decoder import final_logits
+from offramp.model.attention import SeqSlice
+from offramp.model.decoder import decoder_layer, final_logits
 from offramp.serving.async_engine import AsyncEngine, RequestHandle
 from offramp.serving.requests import RequestError, parse_request
 
@@ -106,7 +108,7 @@ def _spec_engine(tiny_models, source: str, reference, **kw) -> LLMEngine:
 
 
 @pytest.mark.parametrize("max_num_seqs", [1, 8])
-@pytest.mark.parametrize("source", ["ngram", "exit", "oracle", "wrong"])
+@pytest.mark.parametrize("source", ["ngram", "exit", "easyspec", "oracle", "wrong"])
 def test_greedy_output_is_identical_to_plain_decoding(tiny_models, reference, source, max_num_seqs):
     engine = _spec_engine(tiny_models, source, reference, max_num_seqs=max_num_seqs)
     outs = _run(engine, PROMPTS, _greedy())
@@ -119,7 +121,7 @@ def test_greedy_output_is_identical_to_plain_decoding(tiny_models, reference, so
         assert stats.num_accepted_tokens == 0
 
 
-@pytest.mark.parametrize("source", ["ngram", "exit", "oracle", "wrong"])
+@pytest.mark.parametrize("source", ["ngram", "exit", "easyspec", "oracle", "wrong"])
 def test_preemption_drops_drafts_and_keeps_the_output(tiny_models, reference, source):
     engine = _spec_engine(tiny_models, source, reference, num_pages=24, spec_adaptive=False, spec_max_draft=3)
     seqs = [engine.add_request(f"p{i}", p, _greedy()) for i, p in enumerate(PROMPTS)]
@@ -183,7 +185,7 @@ def test_max_tokens_eos_and_stop_strings_cut_inside_accepted_drafts(tiny_models,
     assert len(outs[0].token_ids) < 30 and engine.pages.num_used_pages == 0
 
 
-@pytest.mark.parametrize("source", ["ngram", "oracle"])
+@pytest.mark.parametrize("source", ["ngram", "easyspec", "oracle"])
 def test_session_second_turn_keeps_only_accepted_kv(tiny_models, reference, source):
     engine = _spec_engine(tiny_models, source, reference, spec_max_draft=4)
     plain = _engine(tiny_models)
@@ -295,8 +297,8 @@ def test_resolve_spec():
 
 
 def test_bad_spec_settings_name_the_field(tiny_models):
-    with pytest.raises(ValueError, match="spec: easyspec is not built yet"):
-        _engine(tiny_models, spec="easyspec")
+    with pytest.raises(ValueError, match="spec_group_size: must be"):
+        EngineConfig(spec="easyspec", spec_group_size=0)
     with pytest.raises(ValueError, match="spec_exit_depth: 3 is not a block end"):
         _engine(tiny_models, spec="exit", spec_exit_depth=3)
     with pytest.raises(ValueError, match="spec: 'fast'"):
@@ -307,10 +309,47 @@ def test_bad_spec_settings_name_the_field(tiny_models):
         SamplingParams(mode="exact")
     with pytest.raises(ValueError, match="spec: drafts"):
         SamplingParams(mode="early_exit", spec="ngram")
-    engine = _engine(tiny_models)
-    with pytest.raises(ValueError, match="spec: easyspec is not built yet"):
-        engine.add_request("e", [1, 2, 3], SamplingParams(spec="easyspec"))
-    assert not engine.has_work
+    with pytest.raises(ValueError, match="spec_exit_depth: 5 is not a block end"):
+        _engine(tiny_models, spec="easyspec", spec_exit_depth=5)
+
+
+# -- easyspec: fuzzy layer groups ------------------------------------------------------------------
+
+
+def test_fuzzy_groups_add_the_updates_of_layers_that_read_one_input(tiny_models):
+    """Group 1 is the exact walk (bit for bit); group 2 equals a reference built from single layers:
+    layers 2i and 2i+1 both read the output of the group before, and their updates add up."""
+    engine = _engine(tiny_models, layers_per_block=1)
+    loop = engine.runner.loop
+    w, kv, shape = loop.weights, loop.backend.kv, loop.weights.shape
+    depth = shape.num_layers
+    prompt = PROMPTS[0]
+    engine.pages.allocate("fuzzy", len(prompt))
+    slices = [SeqSlice(0, len(prompt), engine.pages.page_table("fuzzy"))]
+    with torch.inference_mode():
+        exact = loop.run_shallow(slices, prompt, depth)
+        assert torch.equal(loop.run_fuzzy(slices, prompt, depth, 1), exact)
+        fuzzy = loop.run_fuzzy(slices, prompt, depth, 2)
+        meta, ref = loop._meta(slices), loop._embed(prompt)
+        for first in range(0, depth, 2):
+            outs = [decoder_layer(w.layers[i], ref, meta, kv.k[i], kv.v[i], shape) for i in (first, first + 1)]
+            ref = outs[0] + (outs[1] - ref)
+    assert depth % 2 == 0 and depth >= 4
+    torch.testing.assert_close(fuzzy, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fuzzy, exact, atol=1e-3)  # stale inputs: not the exact walk
+    engine.pages.free("fuzzy")
+
+
+def test_fuzzy_drafts_need_single_layers():
+    """Backends that run whole blocks (exported graphs) cannot draft fuzzily; the engine refuses
+    easyspec with them at load (``Speculator``), naming the backend."""
+    with pytest.raises(NotImplementedError, match="easyspec needs the torch backend"):
+        BlockBackend.run_fuzzy(object.__new__(_WholeBlocks), torch.zeros(1, 4), None, 2, 2)
+
+
+class _WholeBlocks(BlockBackend):
+    def run_block(self, block_idx, hidden, meta):
+        return hidden
 
 
 def test_ngram_lookup_takes_the_latest_longest_match():

@@ -105,10 +105,15 @@ class EngineConfig:
     )
     spec_max_draft: int = option(8, "most draft tokens one sequence brings into a verification step")
     spec_exit_depth: int | None = option(
-        None, "spec exit: layers that draft, a block end (default: the block end nearest half the layers)"
+        None, "spec exit and easyspec: layers that draft, a block end (default: the block end nearest half the layers)"
     )
     spec_draft_threshold: float = option(
-        0.3, "spec exit: drafting stops when the exit head's top-1 probability falls below this (Kangaroo)"
+        0.3, "spec exit and easyspec: drafting stops when the exit head's top-1 probability falls below this (Kangaroo)"
+    )
+    spec_group_size: int = option(
+        2,
+        "spec easyspec: consecutive draft layers that all read their group's input (fuzzy speculation, R5); "
+        "1 drafts exactly, as the exit source",
     )
     spec_adaptive: bool = option(True, "adapt each sequence's draft length to its acceptance (else always the most)")
     spec_verify_row_cost: float | None = option(
@@ -185,6 +190,7 @@ class EngineConfig:
             raise ValueError(f"spec: {self.spec!r} is not one of {', '.join(SPEC_SOURCES)}")
         _positive("spec_max_draft", self.spec_max_draft)
         _positive("spec_retry_steps", self.spec_retry_steps)
+        _positive("spec_group_size", self.spec_group_size)
         if self.spec_exit_depth is not None:
             _positive("spec_exit_depth", self.spec_exit_depth)
         threshold = self.spec_draft_threshold

@@ -37,6 +37,19 @@ class BlockBackend(ABC):
     ) -> torch.Tensor:  # [num_tokens, hidden]
         """Run every layer of block ``block_idx`` on ``hidden`` (the tokens ``meta`` describes)."""
 
+    def run_fuzzy(
+        self,
+        hidden: torch.Tensor,  # [num_tokens, hidden]
+        meta: AttentionMetadata,
+        depth: int,
+        group: int,
+    ) -> torch.Tensor:  # [num_tokens, hidden] after layers [0, depth), approximately
+        """EasySpec's fuzzy draft pass (R5) over layers ``[0, depth)``: the layers go in groups of ``group``
+        consecutive ones that all read the group's input, and the group adds up their residual updates, so
+        a group's layers could run at once. Each layer writes the K/V of its (stale) input. Only backends
+        that run single layers can do this (``NotImplementedError`` elsewhere)."""
+        raise NotImplementedError(f"{type(self).__name__} runs whole blocks; easyspec needs the torch backend")
+
     def propagate_kv(
         self,
         hidden: torch.Tensor,  # [n, hidden] exit hidden states of tokens that left early

@@ -85,7 +85,7 @@ class LoopStats:
     check_s: float = 0.0
     fill_s: float = 0.0
     recomputed_rows: int = 0  # kept tokens that re-entered a sub-batch (recompute)
-    draft_s: float = 0.0  # draft passes (spec exit)
+    draft_s: float = 0.0  # draft passes (spec exit, easyspec)
     num_verifications: int = 0  # items verified (lossless mode with drafts)
     num_draft_tokens: int = 0  # drafts verified
     num_accepted_tokens: int = 0  # drafts the full model accepted
@@ -193,6 +193,14 @@ class BlockLoop:
             if end > depth:
                 break
             hidden = self.backend.run_block(b, hidden, meta)
+        self.stats.draft_s += time.perf_counter() - start
+        return hidden
+
+    def run_fuzzy(self, slices: list[SeqSlice], token_ids: list[int], depth: int, group: int) -> torch.Tensor:
+        """An easyspec draft pass: layers ``[0, depth)`` in groups of ``group`` that read one input
+        (``BlockBackend.run_fuzzy``). Returns [rows, hidden]."""
+        start = time.perf_counter()
+        hidden = self.backend.run_fuzzy(self._embed(token_ids), self._meta(slices), depth, group)
         self.stats.draft_s += time.perf_counter() - start
         return hidden
 

@@ -8,7 +8,12 @@
   pass, for all drafting sequences together; a sequence stops drafting when the head's top-1
   probability falls below ``spec_draft_threshold`` (Kangaroo's double early exit). The passes write
   K/V of layers below d only; verification rewrites every layer at those positions.
-- ``easyspec`` is not built yet (refused with a ``ValueError``).
+- ``easyspec`` (R5, EasySpec's fuzzy speculation): as ``exit``, but the d draft layers run in groups of
+  g (``spec_group_size``) consecutive layers that all read their group's input, so that a group's layers
+  could run at once (on g devices, or as one grouped product). Their K/V is approximate; the
+  verification pass rewrites every layer's K/V at the drafted positions exactly, which is EasySpec's
+  bonus calibration (here it comes with verification: one KV store serves draft and full model, and
+  the full model must read exact K/V to stay lossless). Torch backend only (it runs single layers).
 
 Every source drafts deterministically (greedy), so the speculative-sampling rule in ``spec.py``
 keeps sampled outputs distributed as plain sampling's.
@@ -20,6 +25,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from offramp.blocks.base import BlockBackend
 from offramp.config import EngineConfig
 from offramp.engine.block_loop import BlockLoop
 from offramp.engine.page_manager import PageManager
@@ -91,13 +97,29 @@ class ExitDraft(DraftSource):
                 start = seq.num_computed_tokens + j  # the last token, then each draft in turn
                 slices.append(SeqSlice(start, 1, self.pages.page_table(seq.seq_id)))
                 token_ids.append(seq.token_ids(start, start + 1)[0] if j == 0 else drafts[i][-1])
-            hidden = self.loop.run_shallow(slices, token_ids, self.depth)  # [live, hidden]
+            hidden = self._draft_pass(slices, token_ids)  # [live, hidden]
             probs = self.head.logits(hidden, self.depth).softmax(-1)  # [live, vocab]
             top, picks = probs.max(dim=-1)
             for i, p, token in zip(live, top.tolist(), picks.tolist()):
                 if p >= self.threshold:
                     drafts[i].append(token)
         return drafts
+
+    def _draft_pass(self, slices: list[SeqSlice], token_ids: list[int]) -> torch.Tensor:
+        return self.loop.run_shallow(slices, token_ids, self.depth)
+
+
+class EasySpecDraft(ExitDraft):
+    """The exit source's drafting with fuzzy layer groups (``BlockLoop.run_fuzzy``)."""
+
+    name = "easyspec"
+
+    def __init__(self, loop: BlockLoop, head: ExitHead, pages: PageManager, depth: int, threshold: float, group: int):
+        super().__init__(loop, head, pages, depth, threshold)
+        self.group = group
+
+    def _draft_pass(self, slices: list[SeqSlice], token_ids: list[int]) -> torch.Tensor:
+        return self.loop.run_fuzzy(slices, token_ids, self.depth, self.group)
 
 
 def default_exit_depth(block_ranges: list[tuple[int, int]], num_layers: int) -> int:
@@ -143,19 +165,26 @@ class Speculator:
 
     def _source(self, name: str) -> tuple[DraftSource, float]:
         """The source called ``name`` and the cost of one of its draft tokens (built once)."""
-        if name == "easyspec":
-            raise ValueError("spec: easyspec is not built yet; use ngram or exit")
         if name not in self._sources:
             if name == "ngram":
                 self._sources[name] = (NgramDraft(), 0.0)
+                return self._sources[name]
+            depth, threshold = self.exit_depth(), self.config.spec_draft_threshold
+            if name == "easyspec":
+                if type(self.loop.backend).run_fuzzy is BlockBackend.run_fuzzy:
+                    raise ValueError(
+                        f"spec: easyspec runs single layers, so --backend torch only (not {self.config.backend})"
+                    )
+                group = self.config.spec_group_size
+                source = EasySpecDraft(self.loop, self.head, self.pages, depth, threshold, group)
             else:
-                depth = self.exit_depth()
-                source = ExitDraft(self.loop, self.head, self.pages, depth, self.config.spec_draft_threshold)
-                self._sources[name] = (source, exit_draft_cost(self.shape, depth))
+                source = ExitDraft(self.loop, self.head, self.pages, depth, threshold)
+            # on one device a fuzzy group costs what its layers cost; g devices would divide the draft's layers by g
+            self._sources[name] = (source, exit_draft_cost(self.shape, depth))
         return self._sources[name]
 
     def set_source(self, name: str, source: DraftSource, draft_cost: float = 0.0) -> None:
-        """Serve the draft source called ``name`` (``exit`` or ``ngram``) with ``source`` instead:
+        """Serve the draft source called ``name`` (``exit``, ``easyspec`` or ``ngram``) with ``source`` instead:
         for tests and experiments (e.g. an oracle that drafts the known continuation)."""
         self._sources[name] = (source, draft_cost)
 
