@@ -646,3 +646,25 @@ def test_triton_spec_counters_count_deltas_of_the_engine_totals():
     metrics.update_spec(16, 9)
     assert Family.made["offramp_spec_draft_tokens_total"].value == 16
     assert Family.made["offramp_spec_accepted_tokens_total"].value == 9
+
+
+# -- bench: HF's own speculative decoding beside ours ---------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["ngram", "exit", "easyspec"])
+def test_bench_reports_spec_figures_and_hfs_own_speculation(tiny_models, source):
+    from offramp.tools.bench import bench
+
+    engine = _engine(tiny_models, spec=source, spec_max_draft=3)
+    prompts = [" ".join(f"w{t - 1}" for t in p) for p in PROMPTS[5:]]  # word-level vocabulary: id = word + 1
+    result = bench(engine, prompts, 3, 2, 8, compare_hf=True, progress=False, ignore_eos=True)
+    assert result["spec"] == source and result["sequence_match"] == 1.0
+    assert result["spec_exit_depth"] == (None if source == "ngram" else engine.spec.exit_depth())
+    assert result["spec_group_size"] == (2 if source == "easyspec" else None)
+    if source == "easyspec":
+        assert "hf_spec" not in result  # HF has no fuzzy drafting to compare with
+    else:
+        expected = "assistant_early_exit" if source == "exit" else "prompt_lookup_num_tokens"
+        assert result["hf_spec"].startswith(expected)
+        assert result["hf_spec_sequence_match"] == 1.0  # HF's speculation is lossless too (greedy, float32)
+        assert result["hf_spec_tokens_per_s"] > 0 and result["hf_batch1_tokens_per_s"] > 0

@@ -105,8 +105,10 @@ def run_hf(
     max_tokens: int,
     eos_ids: set[int],
     progress: bool = True,
+    **generate_kwargs,
 ) -> tuple[dict, list[list[int]]]:
-    """HF ``generate`` on static, left-padded batches of ``batch_size`` (greedy), tokens counted up to EOS."""
+    """HF ``generate`` on static, left-padded batches of ``batch_size`` (greedy), tokens counted up to EOS;
+    ``generate_kwargs`` go to ``generate`` (HF's own speculative decoding, e.g. ``assistant_early_exit``)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
@@ -127,6 +129,7 @@ def run_hf(
                 top_p=None,
                 top_k=None,
                 temperature=None,
+                **generate_kwargs,
             )
         return [_until_eos(row[width:].tolist(), eos_ids) for row in out]
 
@@ -228,9 +231,35 @@ def bench(
         result["speedup_vs_hf"] = round(result["tokens_per_s"] / hf_metrics["hf_tokens_per_s"], 3)
         same = sum(a == b for a, b in zip(outputs, hf_outputs))
         result["hf_sequence_match"] = round(same / len(outputs), 3)
+        if cfg.spec in HF_SPEC:
+            result.update(_hf_spec(engine, prompt_ids, max_tokens, progress))
     if compare_llamacpp:
         result.update(_llamacpp(engine, prompt_ids, max_tokens, ignore_eos, result["tokens_per_s"]))
     return result
+
+
+HF_SPEC = {  # our draft source -> HF generate's own form of it (batch size 1 only in HF)
+    "exit": "assistant_early_exit",  # LayerSkip: the first d layers and the LM head draft
+    "ngram": "prompt_lookup_num_tokens",  # prompt lookup
+}
+
+
+def _hf_spec(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int, progress: bool) -> dict:
+    """HF ``generate`` with its own speculative decoding of the same kind as ``--spec`` against plain HF
+    ``generate``, both one request at a time (HF's assisted generation refuses larger batches), same prompts."""
+    cfg = engine.config
+    value = engine.spec.exit_depth() if cfg.spec == "exit" else cfg.spec_max_draft
+    args = (engine.checkpoint, engine.dtype, prompt_ids, 1, max_tokens, engine.eos_ids, progress)
+    plain, plain_out = run_hf(*args)
+    spec, spec_out = run_hf(*args, **{HF_SPEC[cfg.spec]: value})
+    same = sum(a == b for a, b in zip(plain_out, spec_out))
+    return {
+        "hf_spec": f"{HF_SPEC[cfg.spec]}={value}",
+        "hf_spec_tokens_per_s": spec["hf_tokens_per_s"],
+        "hf_batch1_tokens_per_s": plain["hf_tokens_per_s"],
+        "hf_spec_speedup": round(spec["hf_tokens_per_s"] / plain["hf_tokens_per_s"], 3),
+        "hf_spec_sequence_match": round(same / len(plain_out), 3),
+    }
 
 
 def _llamacpp(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int, ignore_eos: bool, ours: float) -> dict:
@@ -253,7 +282,8 @@ def _spec_metrics(engine: LLMEngine, metrics: dict) -> dict:
         "spec": cfg.spec,
         "spec_max_draft": cfg.spec_max_draft,
         "spec_adaptive": cfg.spec_adaptive,
-        "spec_exit_depth": engine.spec.exit_depth() if cfg.spec == "exit" else None,
+        "spec_exit_depth": engine.spec.exit_depth() if cfg.spec in ("exit", "easyspec") else None,
+        "spec_group_size": cfg.spec_group_size if cfg.spec == "easyspec" else None,
         "spec_verify_costs": [round(c, 3) for c in engine.spec.lengths.costs],  # verification step, k drafts
         "draft_tokens": drafts,
         "accepted_tokens": accepted,
