@@ -37,6 +37,26 @@ class BlockBackend(ABC):
     ) -> torch.Tensor:  # [num_tokens, hidden]
         """Run every layer of block ``block_idx`` on ``hidden`` (the tokens ``meta`` describes)."""
 
+    def run_blocks(
+        self,
+        first: int,
+        last: int,
+        hidden: torch.Tensor,  # [num_tokens, hidden]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        """Blocks ``[first, last)`` in turn (a backend split over stages sends each stage one call)."""
+        for b in range(first, last):
+            hidden = self.run_block(b, hidden, meta)
+        return hidden
+
+    @property
+    def failure(self) -> str | None:
+        """Why this backend cannot run any more (e.g. a pipeline stage died), or None."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 (most backends hold nothing outside this process)
+        """Release what the backend holds outside this process (pipeline stages)."""
+
     def propagate_kv(
         self,
         hidden: torch.Tensor,  # [n, hidden] exit hidden states of tokens that left early

@@ -167,8 +167,7 @@ class BlockLoop:
     def _run_full(self, step: StepInput) -> LoopResult:
         hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
         start = time.perf_counter()
-        for b in range(self.backend.num_blocks):
-            hidden = self.backend.run_block(b, hidden, meta)
+        hidden = self.backend.run_blocks(0, self.backend.num_blocks, hidden, meta)
         self.stats.block_s += time.perf_counter() - start
         result, row = LoopResult(), 0
         for i, item in enumerate(step.items):

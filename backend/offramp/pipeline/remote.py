@@ -1,0 +1,173 @@
+"""Stage 0's side of the pipeline processes: start them, join them, watch them, stop them.
+
+``StageProcesses`` starts stages 1..N-1 (``python -m offramp.pipeline.worker``) with an ``env://``-
+style rendezvous on a free localhost port, waits for each to come up (a stage that exits while
+starting fails at once with its exit code), and runs a heartbeat thread: every ``period`` seconds it
+checks each process and pings each idle link. The first failure found is kept (``failure``), later
+calls raise it at once, and ``on_failure`` is told (servers turn not ready). ``close`` stops every
+process (asked, then killed) and is also run when the object is collected or the interpreter exits,
+so no stage outlives stage 0. ``RemoteStage`` is one stage behind a link, with ``LocalStage``'s
+interface.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from offramp.model.attention import AttentionMetadata
+from offramp.pipeline.placement import StageSpec
+from offramp.pipeline.stages import BusyLog, meta_to
+from offramp.pipeline.transport import Link, StageError, make_group, make_store
+
+HOST = "127.0.0.1"
+
+
+def _python() -> str:
+    """The interpreter for stage processes: this one, unless embedded (a Triton stub) under another name."""
+    exe = sys.executable or ""
+    if os.path.basename(exe).startswith("python"):
+        return exe
+    return shutil.which("python3") or shutil.which("python") or exe
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class StageProcesses:
+    def __init__(self, num_stages: int, timeout_s: float, on_failure: Callable[[str], None] | None = None) -> None:
+        self.timeout_s, self.on_failure = timeout_s, on_failure
+        self.failure: str | None = None
+        self.store = make_store(HOST, 0, num_stages, True, timeout_s)
+        env = dict(os.environ, MASTER_ADDR=HOST, MASTER_PORT=str(self.store.port), WORLD_SIZE=str(num_stages))
+        env["OFFRAMP_STAGE_TIMEOUT_S"] = str(timeout_s)
+        self.procs = [
+            subprocess.Popen([_python(), "-m", "offramp.pipeline.worker"], env=dict(env, RANK=str(rank)))
+            for rank in range(1, num_stages)
+        ]
+        self._finalizer = weakref.finalize(self, _kill, list(self.procs))
+        try:
+            self._wait_up()
+            group = make_group(self.store, 0, num_stages, timeout_s)
+        except BaseException:
+            self._finalizer()
+            raise
+        self.links = [Link(group, rank, timeout_s, self._name(rank)) for rank in range(1, num_stages)]
+        self._stop = threading.Event()
+        self.period_s = min(2.0, timeout_s / 4)
+        self._monitor = threading.Thread(target=self._heartbeat, name="offramp-stage-heartbeat", daemon=True)
+
+    def _name(self, rank: int) -> str:
+        return f"stage {rank} (pid {self.procs[rank - 1].pid})"
+
+    def _wait_up(self) -> None:
+        deadline = time.monotonic() + self.timeout_s + 60  # a cold start imports torch and loads the model
+        for rank, proc in enumerate(self.procs, start=1):
+            while not self.store.check([f"stage{rank}/up"]):
+                if proc.poll() is not None:
+                    raise StageError(f"{self._name(rank)} exited with code {proc.returncode} while starting")
+                if time.monotonic() > deadline:
+                    raise StageError(f"{self._name(rank)} did not join the pipeline within {self.timeout_s + 60:g} s")
+                time.sleep(0.05)
+
+    def start_heartbeat(self) -> None:
+        self._monitor.start()
+
+    def check(self) -> None:
+        """Raise the failure found so far, if any."""
+        if self.failure is not None:
+            raise StageError(self.failure)
+
+    def fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            if self.on_failure is not None:
+                self.on_failure(reason)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.period_s):
+            for rank, (proc, link) in enumerate(zip(self.procs, self.links), start=1):
+                if proc.poll() is not None:
+                    self.fail(f"{self._name(rank)} exited with code {proc.returncode}")
+                elif link.lock.acquire(blocking=False):  # busy links answer the engine instead
+                    try:
+                        link.send(("ping",))
+                        link.recv()
+                    except StageError as exc:
+                        self.fail(str(exc))
+                    finally:
+                        link.lock.release()
+            if self.failure is not None:
+                return
+
+    def close(self) -> None:
+        """Ask every stage to stop, then kill what is left; waits for all of them."""
+        self._stop.set()
+        if self._monitor.is_alive():
+            self._monitor.join(timeout=self.timeout_s)
+        for link in self.links:
+            if link.broken is None and link.lock.acquire(timeout=5):
+                try:
+                    link.send(("stop",))
+                    link.recv(timeout_s=5)
+                except StageError:
+                    pass
+                finally:
+                    link.lock.release()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self._finalizer()
+
+
+class RemoteStage:
+    """A stage in another process, reached through ``link``; hidden states travel on the CPU."""
+
+    def __init__(self, spec: StageSpec, link: Link, processes: StageProcesses, home: torch.device) -> None:
+        self.spec, self.link, self.processes, self.home = spec, link, processes, home
+        self.busy = BusyLog()
+        self._sent_meta: AttentionMetadata | None = None  # held, so that ``is`` cannot match a new one
+
+    def _call(self, message: tuple) -> tuple:
+        self.processes.check()
+        try:
+            return self.link.call(message)
+        except StageError as exc:
+            self.processes.fail(str(exc))
+            raise
+
+    def run(self, first: int, last: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        new_meta = None if meta is self._sent_meta else _cpu_meta(meta)
+        _, out, interval = self._call(("run", first, last, new_meta, hidden.cpu()))
+        self._sent_meta = meta
+        self.busy.add(*interval)
+        return out
+
+    def propagate(self, hidden, cos, sin, slots, from_layer: int) -> None:
+        _, interval = self._call(("propagate", hidden.cpu(), cos.cpu(), sin.cpu(), slots.cpu(), from_layer))
+        self.busy.add(*interval)
+
+    def close(self) -> None:
+        pass  # the processes are stopped together (``StageProcesses.close``)
+
+
+def _cpu_meta(meta: AttentionMetadata) -> AttentionMetadata:
+    return meta if meta.positions.device.type == "cpu" else meta_to(meta, torch.device("cpu"))

@@ -1,0 +1,78 @@
+"""Messages between pipeline stages over torch.distributed (gloo), with a timeout on every call.
+
+Each stage joins one process group of its own (a ``TCPStore`` rendezvous at ``MASTER_ADDR`` /
+``MASTER_PORT`` with ``RANK`` and ``WORLD_SIZE``, as ``env://`` does, but not the process-wide
+default group, so one process may hold several pipelines, e.g. tests). A message is any picklable
+object (tensors included, on the CPU): a length, then the bytes. A timed-out or broken exchange
+closes the link for good (gloo closes the pair): the caller treats it as the stage's failure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+import threading
+
+import torch
+import torch.distributed as dist
+
+
+class StageError(RuntimeError):
+    """A pipeline stage failed: it died, hung past the timeout, or reported an error. One line."""
+
+
+def _span(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+def make_store(host: str, port: int, world_size: int, is_master: bool, timeout_s: float) -> dist.TCPStore:
+    """The rendezvous: stage 0 listens (``port`` 0 picks a free one: ``store.port``), the others join."""
+    return dist.TCPStore(host, port, world_size, is_master, timeout=_span(timeout_s), wait_for_workers=False)
+
+
+def make_group(store: dist.TCPStore, rank: int, world_size: int, timeout_s: float) -> dist.ProcessGroupGloo:
+    return dist.ProcessGroupGloo(store, rank, world_size, _span(timeout_s))
+
+
+class Link:
+    """One peer of a process group: ``send`` / ``recv`` whole messages, each bounded by ``timeout_s``.
+    ``lock`` serialises exchanges (a request and its answer) between threads."""
+
+    def __init__(self, group: dist.ProcessGroupGloo, peer: int, timeout_s: float, name: str) -> None:
+        self.group, self.peer, self.timeout_s, self.name = group, peer, timeout_s, name
+        self.lock = threading.Lock()
+        self.broken: str | None = None
+
+    def send(self, message: object) -> None:
+        data = torch.frombuffer(bytearray(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+        self._wait(self.group.send([torch.tensor([data.numel()], dtype=torch.long)], self.peer, 0), "send to")
+        self._wait(self.group.send([data], self.peer, 1), "send to")
+
+    def recv(self, timeout_s: float | None = None) -> object:
+        size = torch.zeros(1, dtype=torch.long)
+        self._wait(self.group.recv([size], self.peer, 0), "answer from", timeout_s)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._wait(self.group.recv([data], self.peer, 1), "answer from", timeout_s)
+        return pickle.loads(data.numpy().tobytes())
+
+    def call(self, message: object) -> object:
+        """Send ``message`` and return the answer; an ``("error", text)`` answer raises ``StageError``."""
+        with self.lock:
+            self.send(message)
+            answer = self.recv()
+        if isinstance(answer, tuple) and answer and answer[0] == "error":
+            raise StageError(f"{self.name}: {answer[1]}")
+        return answer
+
+    def _wait(self, work, what: str, timeout_s: float | None = None) -> None:
+        if self.broken is not None:
+            raise StageError(self.broken)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            work.wait(_span(timeout_s))
+        except RuntimeError as exc:
+            cause = "timed out" if "imed out" in str(exc) else "connection lost"
+            self.broken = f"{self.name}: no {what} it within {timeout_s:g} s ({cause})"
+            if cause == "connection lost":
+                self.broken = f"{self.name}: {what} it failed ({cause}: {str(exc).splitlines()[0][-80:]})"
+            raise StageError(self.broken) from None
