@@ -86,6 +86,15 @@ class LLMEngine:
             self.backend, num_pages = pipeline.backend, pipeline.num_pages
         else:
             num_pages = self._build_blocks()
+        try:
+            self._build_loop(num_pages)
+        except BaseException:
+            self.backend.close()  # stage processes must not outlive a failed start
+            raise
+
+    def _build_loop(self, num_pages: int) -> None:
+        """Pages, runner, sessions, scheduler and the lossless mode's drafts over the built blocks."""
+        config, shape = self.config, self.weights.shape
         self.pages = PageManager(num_pages, config.page_size)
         self.runner = ModelRunner(self.weights, self.backend, self.pages, config, self.max_model_len)
         self.sessions = KVSessionTable(self.pages, config.max_sessions, config.session_idle_timeout_s)

@@ -9,6 +9,7 @@ stage, or ``--kv-budget-fraction`` of its GPU's free memory): the engine gets th
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 
@@ -76,11 +77,15 @@ def _num_pages(config: EngineConfig, placement: Placement, capacities: list[dict
         if cap["pages"] < 1:
             raise ValueError(
                 f"kv_budget: stage {spec.index} ({spec.device}, layers {spec.layers[0]}-{spec.layers[1] - 1}) "
-                f"cannot hold one sequence: its budget of {cap['budget_bytes'] / MIB:.2f} MiB holds 0 pages; "
+                f"cannot hold one sequence: its budget of {_size(cap['budget_bytes'])} holds 0 pages; "
                 f"one page of {config.page_size} tokens over its {spec.num_layers} layers needs "
-                f"{cap['page_bytes'] / MIB:.2f} MiB"
+                f"{_size(cap['page_bytes'])}"
             )
     return min(cap["pages"] for cap in capacities)
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / MIB:.2f} MiB" if num_bytes >= MIB else f"{num_bytes / 1024:.1f} KiB"
 
 
 def build_pipeline(
@@ -91,6 +96,7 @@ def build_pipeline(
     costs = block_costs(weights, block_ranges, config.page_size)
     placement = place(block_ranges, devices, costs, config.pipeline_stages > 1)
     print(placement.describe(), file=sys.stderr, flush=True)
+    print(f"offramp:   in engine.json terms: {json.dumps(placement.as_dict())}", file=sys.stderr, flush=True)
     if placement.is_remote:
         return _remote(config, weights, block_ranges, placement, home)
     return _local(config, weights, block_ranges, placement, home)

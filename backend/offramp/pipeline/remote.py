@@ -107,6 +107,7 @@ class StageProcesses:
                     self.fail(f"{self._name(rank)} exited with code {proc.returncode}")
                 elif link.lock.acquire(blocking=False):  # busy links answer the engine instead
                     try:
+                        link.settle()
                         link.send(("ping",))
                         link.recv()
                     except StageError as exc:
@@ -124,13 +125,16 @@ class StageProcesses:
         for link in self.links:
             if link.broken is None and link.lock.acquire(timeout=5):
                 try:
+                    link.settle()
                     link.send(("stop",))
                     link.recv(timeout_s=5)
                 except StageError:
                     pass
                 finally:
                     link.lock.release()
-        for proc in self.procs:
+        for proc, link in zip(self.procs, self.links):
+            if link.broken is not None:  # dead or hung: nothing to wait for
+                proc.kill()
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -143,16 +147,24 @@ class RemoteStage:
 
     def __init__(self, spec: StageSpec, link: Link, processes: StageProcesses, home: torch.device) -> None:
         self.spec, self.link, self.processes, self.home = spec, link, processes, home
-        self.busy = BusyLog()
+        self.busy = BusyLog()  # this stage's compute, as it reports it
+        self.waits = BusyLog()  # stage 0 waiting for this stage (synchronous calls)
+        link.on_answer = self.on_answer
         self._sent_meta: AttentionMetadata | None = None  # held, so that ``is`` cannot match a new one
 
-    def _call(self, message: tuple) -> tuple:
+    def _call(self, message: tuple, wait: bool = True) -> tuple | None:
         self.processes.check()
+        start = time.time()
         try:
-            return self.link.call(message)
+            if not wait:
+                self.link.post(message)
+                return None
+            answer = self.link.call(message)
         except StageError as exc:
             self.processes.fail(str(exc))
             raise
+        self.waits.add(start, time.time())
+        return answer
 
     def run(self, first: int, last: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         new_meta = None if meta is self._sent_meta else _cpu_meta(meta)
@@ -162,8 +174,12 @@ class RemoteStage:
         return out
 
     def propagate(self, hidden, cos, sin, slots, from_layer: int) -> None:
-        _, interval = self._call(("propagate", hidden.cpu(), cos.cpu(), sin.cpu(), slots.cpu(), from_layer))
-        self.busy.add(*interval)
+        """Posted: stage 0 goes on while this stage fills the exited rows' K/V (EE-LLM: the token has
+        already returned); the next exchange on the link reads the answer."""
+        self._call(("propagate", hidden.cpu(), cos.cpu(), sin.cpu(), slots.cpu(), from_layer), wait=False)
+
+    def on_answer(self, answer: tuple) -> None:
+        self.busy.add(*answer[1])
 
     def close(self) -> None:
         pass  # the processes are stopped together (``StageProcesses.close``)

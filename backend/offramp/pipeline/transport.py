@@ -5,6 +5,8 @@ Each stage joins one process group of its own (a ``TCPStore`` rendezvous at ``MA
 default group, so one process may hold several pipelines, e.g. tests). A message is any picklable
 object (tensors included, on the CPU): a length, then the bytes. A timed-out or broken exchange
 closes the link for good (gloo closes the pair): the caller treats it as the stage's failure.
+A message may also be posted without waiting (K/V fills of exited rows): its answer is read before
+the next exchange on the link, so stage 0 goes on (samples, schedules) while the stage fills.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import datetime
 import pickle
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -42,6 +45,8 @@ class Link:
         self.group, self.peer, self.timeout_s, self.name = group, peer, timeout_s, name
         self.lock = threading.Lock()
         self.broken: str | None = None
+        self.num_unanswered = 0  # posted messages whose answers are not read yet
+        self.on_answer: Callable[[object], None] | None = None  # what a posted message's answer is for
 
     def send(self, message: object) -> None:
         data = torch.frombuffer(bytearray(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
@@ -58,8 +63,28 @@ class Link:
     def call(self, message: object) -> object:
         """Send ``message`` and return the answer; an ``("error", text)`` answer raises ``StageError``."""
         with self.lock:
+            self.settle()
             self.send(message)
-            answer = self.recv()
+            return self._checked(self.recv())
+
+    def post(self, message: object) -> None:
+        """Send ``message`` without waiting: its answer is read (checked, then handed to ``on_answer``)
+        before the next exchange. (A gloo send completes only once the peer receives, so one posted
+        message at most is in flight: a second would block both sides.)"""
+        with self.lock:
+            self.settle()
+            self.send(message)
+            self.num_unanswered += 1
+
+    def settle(self) -> None:
+        """Read the answers of posted messages; call with ``lock`` held."""
+        while self.num_unanswered:
+            self.num_unanswered -= 1
+            answer = self._checked(self.recv())
+            if self.on_answer is not None:
+                self.on_answer(answer)
+
+    def _checked(self, answer: object) -> object:
         if isinstance(answer, tuple) and answer and answer[0] == "error":
             raise StageError(f"{self.name}: {answer[1]}")
         return answer

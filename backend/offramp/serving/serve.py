@@ -121,6 +121,29 @@ def wait_ready(proc: subprocess.Popen, http: int, timeout: float) -> None:
     raise RuntimeError(f"tritonserver was not ready after {timeout:.0f} s")
 
 
+def watch_ready(proc: subprocess.Popen, http: int, period_s: float = 1.0, limit: int = 5) -> int:
+    """Serve until tritonserver exits (its code), or until it reports not ready ``limit`` checks in a
+    row (1: a model's stub crashed, e.g. a pipeline stage failed; Triton would stay up, not ready)."""
+    misses = 0
+    while True:
+        try:
+            return proc.wait(timeout=period_s)
+        except subprocess.TimeoutExpired:
+            pass
+        misses = 0 if _is_ready(http) else misses + 1
+        if misses >= limit:
+            print("offramp: the server is not ready any more (a model failed; see the log above); stopping", flush=True)
+            return 1
+
+
+def _is_ready(http: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
 def run_server(
     repo: Path,
     overrides: dict,
@@ -168,7 +191,7 @@ def run_server(
         if openai_port is not None:
             gateway = start_gateway(openai_host, openai_port, host, grpc, served_model(repo, overrides))
         _print_usage(host, http, grpc, metrics, openai_host if gateway else None, openai_port)
-        code = proc.wait()
+        code = watch_ready(proc, http)
     finally:
         stop_gateway(gateway)  # the gateway stops with the server
         stop_server(proc, already_signalled=stop["signal"])
