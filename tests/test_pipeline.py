@@ -251,3 +251,15 @@ def test_served_engine_fails_requests_and_turns_fatal_when_a_stage_dies(tiny_mod
     finally:
         engine.shutdown(timeout=5)
     assert _gone(pid)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_three_stages_with_and_without_micro_batches(tiny_models, references, micro_batches):
+    engine = LLMEngine(_config(tiny_models, pipeline_stages=3, micro_batches=micro_batches))
+    try:
+        assert [s.layers for s in engine.placement.stages] == [(0, 1), (1, 2), (2, 4)]
+        assert len(engine.backend.micro_batches([1] * 10)) == micro_batches
+        ours = _transcript(engine)
+    finally:
+        engine.close()
+    assert ours == references["propagate"]

@@ -56,6 +56,11 @@ class EngineConfig:
         "pipeline stages as processes joined by torch.distributed (gloo): this process is stage 0 and owns the "
         "scheduler; each stage holds a contiguous block range and its K/V",
     )
+    micro_batches: int | None = option(
+        None,
+        "pipeline stages: a full-depth step's batch is split into this many micro-batches in flight across the "
+        "stages at once (default: one per stage; 1: none)",
+    )
     stage_timeout_s: float = option(
         30.0, "pipeline stages: a stage that does not answer within this many seconds has failed"
     )
@@ -197,6 +202,8 @@ class EngineConfig:
 
     def _check_placement(self) -> None:
         _positive("pipeline_stages", self.pipeline_stages)
+        if self.micro_batches is not None:
+            _positive("micro_batches", self.micro_batches)
         timeout = self.stage_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"stage_timeout_s: must be a positive number of seconds, got {timeout!r}")

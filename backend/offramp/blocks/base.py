@@ -49,6 +49,16 @@ class BlockBackend(ABC):
             hidden = self.run_block(b, hidden, meta)
         return hidden
 
+    def micro_batches(self, sizes: list[int]) -> list[tuple[int, int]]:
+        """How a full-depth step of items with ``sizes`` rows is split into micro-batches (ranges of
+        items) for ``run_pipelined``: one, unless the blocks run in pipeline stages."""
+        return [(0, len(sizes))]
+
+    def run_pipelined(self, parts: list[tuple[torch.Tensor, AttentionMetadata]]) -> list[torch.Tensor]:
+        """Every block on each micro-batch ([rows, hidden] and its metadata); stages in several
+        processes keep several micro-batches in flight at once."""
+        return [self.run_blocks(0, self.num_blocks, hidden, meta) for hidden, meta in parts]
+
     @property
     def failure(self) -> str | None:
         """Why this backend cannot run any more (e.g. a pipeline stage died), or None."""

@@ -165,9 +165,15 @@ class BlockLoop:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _run_full(self, step: StepInput) -> LoopResult:
-        hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
+        parts = self.backend.micro_batches([s.num_rows for s in step.slices])
         start = time.perf_counter()
-        hidden = self.backend.run_blocks(0, self.backend.num_blocks, hidden, meta)
+        if len(parts) == 1:
+            hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
+            hidden = self.backend.run_blocks(0, self.backend.num_blocks, hidden, meta)
+        else:  # pipeline stages: micro-batches of items in flight across the stages
+            rows = [0, *itertools.accumulate(s.num_rows for s in step.slices)]
+            inputs = [(self._embed(step.token_ids[rows[a] : rows[b]]), self._meta(step.slices[a:b])) for a, b in parts]
+            hidden = torch.cat(self.backend.run_pipelined(inputs))  # [rows, hidden], in item order
         self.stats.block_s += time.perf_counter() - start
         result, row = LoopResult(), 0
         for i, item in enumerate(step.items):

@@ -151,6 +151,7 @@ def _remote(config, weights, block_ranges, placement, home) -> Pipeline:
     kv = KVStore(weights.shape, num_pages, config.page_size, weights.embed.dtype, devices, layers=owned)
     stages = [LocalStage(first, weights, kv, block_ranges)]
     stages += [RemoteStage(spec, link, processes, home) for spec, link in zip(placement.stages[1:], processes.links)]
-    backend = PlacedBackend(weights, kv, block_ranges, placement, stages, home, processes)
+    micro = config.micro_batches or len(placement.stages)
+    backend = PlacedBackend(weights, kv, block_ranges, placement, stages, home, processes, micro)
     processes.start_heartbeat()
     return Pipeline(placement, weights, kv, backend, num_pages)

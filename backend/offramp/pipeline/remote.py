@@ -150,6 +150,7 @@ class RemoteStage:
         self.busy = BusyLog()  # this stage's compute, as it reports it
         self.waits = BusyLog()  # stage 0 waiting for this stage (synchronous calls)
         link.on_answer = self.on_answer
+        self._result: torch.Tensor | None = None  # a submitted run's output, once read
         self._sent_meta: AttentionMetadata | None = None  # held, so that ``is`` cannot match a new one
 
     def _call(self, message: tuple, wait: bool = True) -> tuple | None:
@@ -173,13 +174,35 @@ class RemoteStage:
         self.busy.add(*interval)
         return out
 
+    def submit(self, first: int, last: int, hidden: torch.Tensor, meta: AttentionMetadata) -> None:
+        """``run`` without waiting; ``result`` returns its output (one submitted run at a time)."""
+        new_meta = None if meta is self._sent_meta else _cpu_meta(meta)
+        self._call(("run", first, last, new_meta, hidden.cpu()), wait=False)
+        self._sent_meta = meta
+
+    def result(self) -> torch.Tensor:
+        """The output [rows, hidden] of the submitted run, once this stage has sent it."""
+        start = time.time()
+        try:
+            with self.link.lock:
+                self.link.settle()  # the answer lands in ``on_answer`` (maybe read by the heartbeat already)
+        except StageError as exc:
+            self.processes.fail(str(exc))
+            raise
+        self.waits.add(start, time.time())
+        out, self._result = self._result, None
+        return out
+
     def propagate(self, hidden, cos, sin, slots, from_layer: int) -> None:
         """Posted: stage 0 goes on while this stage fills the exited rows' K/V (EE-LLM: the token has
         already returned); the next exchange on the link reads the answer."""
         self._call(("propagate", hidden.cpu(), cos.cpu(), sin.cpu(), slots.cpu(), from_layer), wait=False)
 
     def on_answer(self, answer: tuple) -> None:
-        self.busy.add(*answer[1])
+        """The answer of a posted message: a fill's ``("ok", interval)`` or a run's ``("ok", hidden, interval)``."""
+        if len(answer) == 3:
+            self._result = answer[1]
+        self.busy.add(*answer[-1])
 
     def close(self) -> None:
         pass  # the processes are stopped together (``StageProcesses.close``)
