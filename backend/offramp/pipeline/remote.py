@@ -118,7 +118,9 @@ class StageProcesses:
                 return
 
     def close(self) -> None:
-        """Ask every stage to stop, then kill what is left; waits for all of them."""
+        """Ask every stage to stop, then kill what is left; waits for all of them. Idempotent."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._monitor.is_alive():
             self._monitor.join(timeout=self.timeout_s)

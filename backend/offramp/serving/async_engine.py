@@ -195,6 +195,7 @@ class AsyncEngine:
         self._fail_all(error)
         for handle in self._queued():
             self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
+        self._close_engine()  # the other stages stop before anyone is told
         if self.on_fatal is not None:
             self.on_fatal(failure)
 
