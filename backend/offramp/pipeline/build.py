@@ -81,7 +81,10 @@ def _num_pages(config: EngineConfig, placement: Placement, capacities: list[dict
                 f"one page of {config.page_size} tokens over its {spec.num_layers} layers needs "
                 f"{_size(cap['page_bytes'])}"
             )
-    return min(cap["pages"] for cap in capacities)
+    num_pages = min(cap["pages"] for cap in capacities)
+    held = ", ".join(f"stage {i} {_size(num_pages * c['page_bytes'])}" for i, c in enumerate(capacities))
+    print(f"offramp:   KV: {num_pages} pages of {config.page_size} tokens ({held})", file=sys.stderr, flush=True)
+    return num_pages
 
 
 def _size(num_bytes: int) -> str:
@@ -142,8 +145,10 @@ def _remote(config, weights, block_ranges, placement, home) -> Pipeline:
         num_pages = _num_pages(config, placement, capacities)
         for link in processes.links:
             link.send(("alloc", num_pages))
-        for link in processes.links:
-            link.recv()
+        for link, cap in zip(processes.links, capacities[1:]):
+            _, kv_bytes = link.recv()
+            if kv_bytes != num_pages * cap["page_bytes"]:  # the stage holds exactly its layers' pages
+                raise StageError(f"{link.name}: holds {kv_bytes} bytes of K/V, not {num_pages * cap['page_bytes']}")
     except BaseException:
         processes.close()
         raise
