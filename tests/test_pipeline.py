@@ -263,3 +263,19 @@ def test_three_stages_with_and_without_micro_batches(tiny_models, references, mi
     finally:
         engine.close()
     assert ours == references["propagate"]
+
+
+@pytest.mark.parametrize("kv_fill", ["propagate", "recompute"])
+def test_blocks_between_exit_points_go_to_a_stage_in_one_message(tiny_models, kv_fill):
+    """With one exit point (depth 1) the walk sends blocks 1-3 as one call: stage 1 gets one message
+    per step for its two blocks; tokens, exit depths and K/V fills equal the single-device engine's."""
+    outs = []
+    for placement in ({}, {"pipeline_stages": 2}):
+        engine = LLMEngine(_config(tiny_models, exit_points=(1,), kv_fill=kv_fill, **placement))
+        try:
+            runs = [engine.generate(PROMPTS, EXITS), engine.generate(PROMPTS, GREEDY)]
+            outs.append([[(o.token_ids, o.exit_layers) for o in run] for run in runs])
+        finally:
+            engine.close()
+    assert outs[0] == outs[1]
+    assert {d for o in outs[0][0] for d in o[1]} == {1, 4}
