@@ -31,7 +31,8 @@ def _config(tiny_models, **kwargs) -> EngineConfig:
 
 def _transcript(engine: LLMEngine) -> dict:
     """Everything the equivalence tests compare: batched greedy with preemption, exits, a session's
-    two turns, a batch with one request cancelled mid-flight; pages all back at the end."""
+    two turns, a batch with one request cancelled mid-flight, a shared prompt prefix; pages all back
+    at the end."""
     out: dict = {}
     greedy = engine.generate(PROMPTS, GREEDY)
     out["greedy"] = [o.token_ids for o in greedy]
@@ -49,6 +50,13 @@ def _transcript(engine: LLMEngine) -> dict:
     while engine.has_work:
         engine.step()
     out["cancelled"] = [(s.output_token_ids, s.finish_reason.value) for s in seqs]
+    shared = [50, 51, 52, 53, 54, 55, 56, 57]  # two full pages of 4 tokens
+    first = engine.add_request("p1", [*shared, 9, 10], GREEDY)
+    engine.step()  # its prompt is computed: its full pages are registered
+    second = engine.add_request("p2", [*shared, 11], GREEDY)
+    while engine.has_work:
+        engine.step()
+    out["prefix"] = (first.output_token_ids, second.output_token_ids, second.num_cached_tokens)
     engine.pages.check_invariants()
     out["pages_used"] = engine.pages.num_used_pages
     return out
@@ -80,7 +88,7 @@ def test_split_engine_is_token_identical_to_one_device(tiny_models, references, 
     assert ref["preemptions"] > 0, "the small KV store preempted nothing"
     depths = [d for _, layers in ref["exits"] for d in layers]
     assert 0 < sum(d < 4 for d in depths) < len(depths), "exits should happen for some tokens, not all"
-    assert ref["cancelled"][1][1] == "abort" and ref["session"][2] > 0
+    assert ref["cancelled"][1][1] == "abort" and ref["session"][2] > 0 and ref["prefix"][2] == 8
     assert ours == ref
     assert ours["pages_used"] == 0
 
