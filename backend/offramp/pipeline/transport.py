@@ -50,14 +50,16 @@ class Link:
 
     def send(self, message: object) -> None:
         data = torch.frombuffer(bytearray(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
-        self._wait(self.group.send([torch.tensor([data.numel()], dtype=torch.long)], self.peer, 0), "send to")
-        self._wait(self.group.send([data], self.peer, 1), "send to")
+        self._run(
+            lambda: self.group.send([torch.tensor([data.numel()], dtype=torch.long)], self.peer, 0), "sending to it"
+        )
+        self._run(lambda: self.group.send([data], self.peer, 1), "sending to it")
 
     def recv(self, timeout_s: float | None = None) -> object:
         size = torch.zeros(1, dtype=torch.long)
-        self._wait(self.group.recv([size], self.peer, 0), "answer from", timeout_s)
+        self._run(lambda: self.group.recv([size], self.peer, 0), "waiting for its answer", timeout_s)
         data = torch.empty(int(size.item()), dtype=torch.uint8)
-        self._wait(self.group.recv([data], self.peer, 1), "answer from", timeout_s)
+        self._run(lambda: self.group.recv([data], self.peer, 1), "waiting for its answer", timeout_s)
         return pickle.loads(data.numpy().tobytes())
 
     def call(self, message: object) -> object:
@@ -89,15 +91,16 @@ class Link:
             raise StageError(f"{self.name}: {answer[1]}")
         return answer
 
-    def _wait(self, work, what: str, timeout_s: float | None = None) -> None:
+    def _run(self, start: Callable[[], object], what: str, timeout_s: float | None = None) -> None:
+        """Post one send or receive and wait for it; any failure closes the link for good."""
         if self.broken is not None:
             raise StageError(self.broken)
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
-            work.wait(_span(timeout_s))
+            start().wait(_span(timeout_s))
         except RuntimeError as exc:
-            cause = "timed out" if "imed out" in str(exc) else "connection lost"
-            self.broken = f"{self.name}: no {what} it within {timeout_s:g} s ({cause})"
-            if cause == "connection lost":
-                self.broken = f"{self.name}: {what} it failed ({cause}: {str(exc).splitlines()[0][-80:]})"
+            if "imed out" in str(exc):
+                self.broken = f"{self.name}: {what} timed out after {timeout_s:g} s"
+            else:
+                self.broken = f"{self.name}: connection lost while {what} ({str(exc).splitlines()[0][-80:]})"
             raise StageError(self.broken) from None
