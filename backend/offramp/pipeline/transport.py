@@ -102,5 +102,6 @@ class Link:
             if "imed out" in str(exc):
                 self.broken = f"{self.name}: {what} timed out after {timeout_s:g} s"
             else:
-                self.broken = f"{self.name}: connection lost while {what} ({str(exc).splitlines()[0][-80:]})"
+                cause = str(exc).splitlines()[0].split("] ", 1)[-1].split(". ")[0]  # gloo's first sentence
+                self.broken = f"{self.name}: connection lost while {what} ({cause[:80]})"
             raise StageError(self.broken) from None
