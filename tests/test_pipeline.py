@@ -116,11 +116,13 @@ def test_partition_balances_cost_and_gives_stage_zero_less_on_a_tie():
     assert placement.balanced_by == "measured block cost"
     assert "stage 1 on cpu: blocks 1-2, layers 2-4" in placement.describe()
     assert placement.as_dict()["stage_first_layers"] == [0, 2]
+    with_head = place([(2 * i, 2 * i + 2) for i in range(15)], ["cpu", "cpu"], [2.0] * 15, True, 8.0)
+    assert [s.layers for s in with_head.stages] == [(0, 10), (10, 30)]  # the default model: its head weighs 8 layers
 
 
 def test_uneven_blocks_are_timed(tiny_models):
     engine = LLMEngine(_config(tiny_models, devices=("cpu", "cpu"), block_boundaries=(0, 1)))
-    assert engine.placement.balanced_by == "measured block cost"
+    assert engine.placement.balanced_by == "measured block cost (stage 0 also runs the LM head)"
     assert [s.layers for s in engine.placement.stages] == [(0, 1), (1, 4)]
 
 

@@ -96,8 +96,8 @@ def build_pipeline(
 ) -> Pipeline:
     """``weights`` are all on ``home`` (stage 0's device); they are split here."""
     devices = _resolve_devices(stage_devices(config, home))
-    costs = block_costs(weights, block_ranges, config.page_size)
-    placement = place(block_ranges, devices, costs, config.pipeline_stages > 1)
+    costs, head_cost, how = block_costs(weights, block_ranges, config.page_size)
+    placement = place(block_ranges, devices, costs, config.pipeline_stages > 1, head_cost, how)
     print(placement.describe(), file=sys.stderr, flush=True)
     print(f"offramp:   in engine.json terms: {json.dumps(placement.as_dict())}", file=sys.stderr, flush=True)
     if placement.is_remote:

@@ -19,7 +19,7 @@ class StageSpec:
     device: str
     blocks: tuple[int, int]
     layers: tuple[int, int]
-    cost: float  # its blocks' share of a step's block time, in the units of the costs given
+    cost: float  # its blocks' cost (stage 0: and the LM head's), in the units of the costs given
 
     @property
     def num_layers(self) -> int:
@@ -48,7 +48,7 @@ class Placement:
         for s in self.stages:
             lines.append(
                 f"offramp:   stage {s.index} on {s.device}: blocks {s.blocks[0]}-{s.blocks[1] - 1}, "
-                f"layers {s.layers[0]}-{s.layers[1] - 1} ({s.cost / total:.0%} of the block cost)"
+                f"layers {s.layers[0]}-{s.layers[1] - 1} ({s.cost / total:.0%} of the cost)"
             )
         return "\n".join(lines)
 
@@ -64,9 +64,9 @@ class Placement:
         }
 
 
-def partition(costs: list[float], num_stages: int) -> list[tuple[int, int]]:
+def partition(costs: list[float], num_stages: int, first_extra: float = 0.0) -> list[tuple[int, int]]:
     """Contiguous ranges ``[first, last)`` of ``costs``, one per stage, each non-empty, that minimise
-    the largest range sum; ties give earlier ranges less."""
+    the largest range sum (the first range also carries ``first_extra``); ties give earlier ranges less."""
     n = len(costs)
     if num_stages > n:
         raise ValueError(f"{num_stages} stages for {n} blocks: each stage needs at least one block")
@@ -79,7 +79,7 @@ def partition(costs: list[float], num_stages: int) -> list[tuple[int, int]]:
     for k in range(1, num_stages + 1):
         for i in range(k, n + 1):
             for j in range(k - 1, i):  # smallest j first: on a tie the last range is the longest
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                value = max(best[k - 1][j], prefix[i] - prefix[j] + (first_extra if k == 1 else 0.0))
                 if value < best[k][i] - 1e-12:
                     best[k][i], cut[k][i] = value, j
     ranges, end = [], n
@@ -90,16 +90,28 @@ def partition(costs: list[float], num_stages: int) -> list[tuple[int, int]]:
     return ranges[::-1]
 
 
-def place(block_ranges: list[tuple[int, int]], devices: list[str], costs: list[float], is_remote: bool) -> Placement:
-    """Stages over ``devices`` (one each) for blocks with the given per-block ``costs``."""
+def place(
+    block_ranges: list[tuple[int, int]],
+    devices: list[str],
+    costs: list[float],
+    is_remote: bool,
+    head_cost: float = 0.0,
+    balanced_by: str | None = None,
+) -> Placement:
+    """Stages over ``devices`` (one each) for blocks with the given per-block ``costs``; stage 0 also
+    carries ``head_cost`` (its LM head)."""
     if len(devices) > len(block_ranges):
         raise ValueError(
             f"pipeline: {len(devices)} stages for {len(block_ranges)} blocks; each stage needs at least one block "
             "(use fewer stages or smaller --layers-per-block)"
         )
-    balanced_by = "block count" if len(set(costs)) == 1 else "measured block cost"
+    if balanced_by is None:
+        balanced_by = "block count" if len(set(costs)) == 1 else "measured block cost"
+    if head_cost:
+        balanced_by += " (stage 0 also runs the LM head)"
     stages = []
-    for index, ((first, last), device) in enumerate(zip(partition(costs, len(devices)), devices)):
+    for index, ((first, last), device) in enumerate(zip(partition(costs, len(devices), head_cost), devices)):
         layers = (block_ranges[first][0], block_ranges[last - 1][1])
-        stages.append(StageSpec(index, device, (first, last), layers, sum(costs[first:last])))
+        cost = sum(costs[first:last]) + (head_cost if index == 0 else 0.0)
+        stages.append(StageSpec(index, device, (first, last), layers, cost))
     return Placement(stages, is_remote, balanced_by)
