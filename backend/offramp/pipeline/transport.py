@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 
-class StageError(RuntimeError):
-    """A pipeline stage failed: it died, hung past the timeout, or reported an error. One line."""
+class StageError(ConnectionError):
+    """A pipeline stage failed: it died, hung past the timeout, or reported an error. One line. (An
+    ``OSError``: the command line reports it as one error line, as it does a missing file.)"""
 
 
 def _span(seconds: float) -> datetime.timedelta:
