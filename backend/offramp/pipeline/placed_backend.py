@@ -111,10 +111,10 @@ class PlacedBackend(BlockBackend):
 
     def record_busy(self, enabled: bool) -> None:
         """Start (clearing) or stop recording each stage's busy intervals."""
-        for stage in self.stages:
-            stage.busy.enabled = enabled
+        for log in [log for stage in self.stages for log in (stage.busy, stage.waits)]:
+            log.enabled = enabled
             if enabled:
-                stage.busy.intervals.clear()
+                log.intervals.clear()
 
     def close(self) -> None:
         """Stop the stage processes (pipeline stages); nothing to do for devices of this process."""

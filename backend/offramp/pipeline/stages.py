@@ -66,6 +66,7 @@ class LocalStage:
         self.weights, self.kv = weights, kv
         self.blocks = TorchBackend(weights, kv, block_ranges)
         self.busy = BusyLog()
+        self.waits = BusyLog()  # stays empty: a stage of this process never waits for another
         self._meta: tuple[AttentionMetadata | None, AttentionMetadata | None] = (None, None)  # (given, moved)
 
     def _local_meta(self, meta: AttentionMetadata) -> AttentionMetadata:
