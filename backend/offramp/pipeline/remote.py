@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,7 @@ from offramp.pipeline.stages import BusyLog, meta_to
 from offramp.pipeline.transport import Link, StageError, make_group, make_store
 
 HOST = "127.0.0.1"
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this ``offramp`` package
 
 
 def _python() -> str:
@@ -57,6 +59,9 @@ class StageProcesses:
         self.store = make_store(HOST, 0, num_stages, True, timeout_s)
         env = dict(os.environ, MASTER_ADDR=HOST, MASTER_PORT=str(self.store.port), WORLD_SIZE=str(num_stages))
         env["OFFRAMP_STAGE_TIMEOUT_S"] = str(timeout_s)
+        # the stages import the very package this process runs (an embedding such as a Triton stub may
+        # not pass PYTHONPATH on, and another install of offramp may sit in site-packages)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         self.procs = [
             subprocess.Popen([_python(), "-m", "offramp.pipeline.worker"], env=dict(env, RANK=str(rank)))
             for rank in range(1, num_stages)
