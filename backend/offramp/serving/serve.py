@@ -122,18 +122,47 @@ def wait_ready(proc: subprocess.Popen, http: int, timeout: float) -> None:
 
 
 def watch_ready(proc: subprocess.Popen, http: int, period_s: float = 1.0, limit: int = 5) -> int:
-    """Serve until tritonserver exits (its code), or until it reports not ready ``limit`` checks in a
-    row (1: a model's stub crashed, e.g. a pipeline stage failed; Triton would stay up, not ready)."""
-    misses = 0
+    """Serve until tritonserver exits (its code), or return 1 when a model's Python-backend stub has
+    exited (a pipeline stage failed and the stub left: Triton neither restarts it nor turns not
+    ready) or the server reports not ready ``limit`` checks in a row."""
+    stubs, misses = stub_pids(proc.pid), 0
     while True:
         try:
             return proc.wait(timeout=period_s)
         except subprocess.TimeoutExpired:
             pass
+        now = stub_pids(proc.pid)
+        if stubs - now:
+            print("offramp: a model's Python-backend stub exited (see the log above); stopping", flush=True)
+            return 1
+        stubs |= now
         misses = 0 if _is_ready(http) else misses + 1
         if misses >= limit:
-            print("offramp: the server is not ready any more (a model failed; see the log above); stopping", flush=True)
+            print("offramp: the server is not ready any more (see the log above); stopping", flush=True)
             return 1
+
+
+def stub_pids(root: int) -> set[int]:
+    """Python-backend stubs among ``root``'s descendants (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            argv0 = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry))
+        names[int(entry)] = os.path.basename(argv0)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            if names.get(child) == "triton_python_backend_stub":
+                found.add(child)
+    return found
 
 
 def _is_ready(http: int) -> bool:
