@@ -3,7 +3,9 @@
 Each stage joins one process group of its own (a ``TCPStore`` rendezvous at ``MASTER_ADDR`` /
 ``MASTER_PORT`` with ``RANK`` and ``WORLD_SIZE``, as ``env://`` does, but not the process-wide
 default group, so one process may hold several pipelines, e.g. tests). A message is any picklable
-object (tensors included, on the CPU): a length, then the bytes. A timed-out or broken exchange
+object (tensors included, on the CPU), sent as a fixed 64 KiB first part (its length, then the
+bytes) and the rest, if any: a gloo send waits for the peer's receive, so a decode step's message is
+one handshake instead of two. A timed-out or broken exchange
 closes the link for good (gloo closes the pair): the caller treats it as the stage's failure.
 A message may also be posted without waiting (K/V fills of exited rows): its answer is read before
 the next exchange on the link, so stage 0 goes on (samples, schedules) while the stage fills.
@@ -18,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+FIRST_BYTES = 64 * 1024  # a message's first part: decode steps (tens of rows) fit in one send
 
 
 class StageError(ConnectionError):
@@ -50,18 +54,27 @@ class Link:
         self.on_answer: Callable[[object], None] | None = None  # what a posted message's answer is for
 
     def send(self, message: object) -> None:
-        data = torch.frombuffer(bytearray(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
-        self._run(
-            lambda: self.group.send([torch.tensor([data.numel()], dtype=torch.long)], self.peer, 0), "sending to it"
-        )
-        self._run(lambda: self.group.send([data], self.peer, 1), "sending to it")
+        """One gloo send for a message up to ``FIRST_BYTES`` (its length, then the pickle), two above."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        first = bytearray(FIRST_BYTES)
+        head = min(len(data), FIRST_BYTES - 8)
+        first[:8], first[8 : 8 + head] = len(data).to_bytes(8, "little"), data[:head]
+        self._run(lambda: self.group.send([torch.frombuffer(first, dtype=torch.uint8)], self.peer, 0), "sending to it")
+        if len(data) > head:
+            rest = torch.frombuffer(bytearray(data[head:]), dtype=torch.uint8)
+            self._run(lambda: self.group.send([rest], self.peer, 1), "sending to it")
 
     def recv(self, timeout_s: float | None = None) -> object:
-        size = torch.zeros(1, dtype=torch.long)
-        self._run(lambda: self.group.recv([size], self.peer, 0), "waiting for its answer", timeout_s)
-        data = torch.empty(int(size.item()), dtype=torch.uint8)
-        self._run(lambda: self.group.recv([data], self.peer, 1), "waiting for its answer", timeout_s)
-        return pickle.loads(data.numpy().tobytes())
+        first = torch.empty(FIRST_BYTES, dtype=torch.uint8)
+        self._run(lambda: self.group.recv([first], self.peer, 0), "waiting for its answer", timeout_s)
+        raw = first.numpy().tobytes()
+        size = int.from_bytes(raw[:8], "little")
+        data = raw[8 : 8 + size]
+        if size > FIRST_BYTES - 8:
+            rest = torch.empty(size - (FIRST_BYTES - 8), dtype=torch.uint8)
+            self._run(lambda: self.group.recv([rest], self.peer, 1), "waiting for its answer", timeout_s)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)
 
     def call(self, message: object) -> object:
         """Send ``message`` and return the answer; an ``("error", text)`` answer raises ``StageError``."""
