@@ -291,3 +291,24 @@ def test_blocks_between_exit_points_go_to_a_stage_in_one_message(tiny_models, kv
             engine.close()
     assert outs[0] == outs[1]
     assert {d for o in outs[0][0] for d in o[1]} == {1, 4}
+
+
+@pytest.mark.default_model
+def test_default_model_split_is_token_identical(default_checkpoint, bundled_prompts):
+    """The default model, 8 bundled prompts in one batch, 32 greedy tokens: ``--devices cpu,cpu`` and
+    ``--pipeline-stages 2`` (one thread each) give the single-process engine's tokens; with exits
+    forced at the end of stage 0 (every decode token leaves there), the same tokens and depths too."""
+    prompts = [p["prompt"] for p in bundled_prompts[:8]]
+    leave = SamplingParams(max_tokens=32, exit_policy="similarity", exit_threshold=-1.0)
+    outs = []
+    for placement in ({}, {"devices": ("cpu", "cpu")}, {"pipeline_stages": 2}):
+        config = EngineConfig(model=str(default_checkpoint), num_threads=1, exit_points=(10,), **placement)
+        engine = LLMEngine(config)
+        try:
+            if placement:
+                assert engine.placement.stages[0].layers == (0, 10)  # the LM head weighs 8 layers
+            runs = [engine.generate(prompts, SamplingParams(max_tokens=32)), engine.generate(prompts, leave)]
+            outs.append([[(o.token_ids, o.exit_layers) for o in run] for run in runs])
+        finally:
+            engine.close()
+    assert outs[1] == outs[0] and outs[2] == outs[0]
