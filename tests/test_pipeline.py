@@ -312,3 +312,31 @@ def test_default_model_split_is_token_identical(default_checkpoint, bundled_prom
         finally:
             engine.close()
     assert outs[1] == outs[0] and outs[2] == outs[0]
+
+
+def test_the_command_line_reports_a_bad_stage_in_one_line(tiny_models, capsys):
+    from offramp.cli.main import main
+
+    argv = ["generate", "--model", str(tiny_models["llama"]), "--devices", "cpu,cuda:7", "--prompt", "w1"]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("offramp: error: devices: stage 1: cuda:7 is not available on this host")
+
+
+def test_serve_stops_when_a_stub_exits(monkeypatch):
+    """``offramp serve`` returns 1 once a Python-backend stub of its server is gone."""
+    import subprocess
+
+    from offramp.serving import serve
+
+    class Server:  # tritonserver that keeps running
+        pid = os.getpid()
+
+        def wait(self, timeout):
+            raise subprocess.TimeoutExpired("tritonserver", timeout)
+
+    assert serve.stub_pids(os.getpid()) == set()  # this test process has no stubs below it
+    found = iter([{101, 102}, {101, 102}, {101}])
+    monkeypatch.setattr(serve, "stub_pids", lambda root: next(found))
+    monkeypatch.setattr(serve, "_is_ready", lambda http: True)
+    assert serve.watch_ready(Server(), 0, period_s=0) == 1
