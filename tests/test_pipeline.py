@@ -24,6 +24,17 @@ EXITS = SamplingParams(max_tokens=12, exit_policy="similarity", exit_threshold=0
 PLACEMENTS = {"devices": {"devices": ("cpu", "cpu")}, "stages": {"pipeline_stages": 2}}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    """Engines here run one thread each (``num_threads=1`` sets torch's process-wide count): later
+    modules get the count back."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def _config(tiny_models, **kwargs) -> EngineConfig:
     base = dict(model=str(tiny_models["llama"]), page_size=4, layers_per_block=1, num_threads=1, num_pages=24)
     return EngineConfig(**{**base, **kwargs})  # 24 pages hold fewer than the 10 prompts: preemption
