@@ -174,8 +174,9 @@ class ModelAdapter:
 
     def _on_fatal(self, failure: str) -> None:
         """The engine cannot run any more (a pipeline stage died or hung): once the error responses
-        are sent, this stub exits, so that Triton reports the model not ready (it does not restart a
-        stub) and ``offramp serve`` stops with an error instead of serving failures."""
+        are sent, this stub exits. Triton does not restart it (nor turn the model not ready by itself):
+        ``offramp serve`` sees the stub gone, stops the server and exits with an error instead of
+        serving failures."""
         self.pb.Logger.log_error(f"{self.name}: {failure}; the model stops")
 
         def leave() -> None:
