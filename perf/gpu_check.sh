@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a host with an NVIDIA GPU and a CUDA build of PyTorch: run the GPU-marked tests (parity on CUDA,
-# bfloat16 agreement, exits identical across cpu and cuda, host syncs per step) and `offramp bench`
+# bfloat16 agreement, exits identical across cpu and cuda, host syncs per step, --devices cuda:0,cpu) and `offramp bench`
 # on the default model at concurrency 1, 16 and 64 for float32, bfloat16 (and int4 where the engine
 # supports it on CUDA); appends the JSON lines to docs/bench/gpu.jsonl and prints a summary.
 # Nothing is downloaded: the image's torch is used as it is, the project runs from this checkout

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 SUITE_ENV = "OFFRAMP_TEST_SUITE_TOKEN"
 SERVER_PROGRAMS = ("tritonserver", "triton_python_backend_stub")  # argv[0] basenames
 SERVER_MODULES = ("offramp.cli.main", "offramp_gateway", "bin/offramp")  # a Python argv naming these
+STAGE_MODULE = "offramp.pipeline.worker"  # a pipeline stage: python -m offramp.pipeline.worker
 GUARD = "server_guard.py"  # offramp serve's guard of tritonserver's process group
 
 
@@ -211,10 +212,13 @@ def alive(proc: Proc) -> bool:
 
 
 def is_server_process(proc: Proc) -> bool:
-    """tritonserver, a Python-backend stub, ``offramp serve``, its guard or the OpenAI gateway."""
+    """tritonserver, a Python-backend stub, ``offramp serve``, its guard, the OpenAI gateway or a
+    pipeline stage process."""
     if not proc.argv:
         return False
     if Path(proc.argv[0]).name in SERVER_PROGRAMS or (len(proc.argv) > 1 and proc.argv[1].endswith(GUARD)):
+        return True
+    if STAGE_MODULE in proc.argv[1:3]:  # a pipeline stage process (offramp.pipeline.worker)
         return True
     return any(m in a for a in proc.argv[:3] for m in SERVER_MODULES) and (
         "serve" in proc.argv or any("offramp_gateway" in a for a in proc.argv[:3])

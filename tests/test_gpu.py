@@ -94,3 +94,22 @@ def test_a_greedy_decode_step_synchronises_at_most_twice(tiny_models):
         torch.cuda.set_sync_debug_mode("default")
     print(f"host synchronisations per decode step: {counts}")
     assert counts and max(counts) <= 2
+
+
+@pytest.mark.parametrize("kv_fill", ["propagate", "recompute"])
+def test_devices_cuda_and_cpu_equal_one_device(tiny_models, kv_fill):
+    """``--devices cuda:0,cpu``: blocks 0-1 and their K/V on the GPU, blocks 2-3 on the CPU (real
+    transfers at the boundary); greedy tokens and exit depths equal the single-GPU engine's."""
+    base = dict(model=str(tiny_models["llama"]), page_size=4, layers_per_block=1, num_pages=64, kv_fill=kv_fill)
+    exits = SamplingParams(max_tokens=12, exit_policy="similarity", exit_threshold=0.6)
+    results = []
+    for placement in ({"device": "cuda:0"}, {"devices": ("cuda:0", "cpu")}):
+        engine = LLMEngine(EngineConfig(**base, **placement))
+        greedy = engine.generate(PROMPTS, SamplingParams(max_tokens=12))
+        exited = engine.generate(PROMPTS, exits)
+        results.append(([o.token_ids for o in greedy], [(o.token_ids, o.exit_layers) for o in exited]))
+        if "devices" in placement:
+            assert [str(engine.kv.k[layer].device) for layer in range(4)] == ["cuda:0", "cuda:0", "cpu", "cpu"]
+            assert engine.weights.layers[3].down.device.type == "cpu"
+        engine.close()
+    assert results[0] == results[1]

@@ -45,6 +45,25 @@ class EngineConfig:
         "float32", "weights and activations: float32 (the exactness reference) or bfloat16", choices=DTYPES
     )
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+    devices: tuple[str, ...] | None = option(
+        None,
+        "one process over several devices, e.g. cpu,cpu or cuda:0,cuda:1: each holds a contiguous range of blocks "
+        "with their weights and K/V (balanced by measured cost; the first also holds the embedding and heads); "
+        "with --pipeline-stages N, stage s runs on the s-th",
+    )
+    pipeline_stages: int = option(
+        1,
+        "pipeline stages as processes joined by torch.distributed (gloo): this process is stage 0 and owns the "
+        "scheduler; each stage holds a contiguous block range and its K/V",
+    )
+    micro_batches: int | None = option(
+        None,
+        "pipeline stages: a full-depth step's batch is split into this many micro-batches in flight across the "
+        "stages at once (default: one per stage; 1: none)",
+    )
+    stage_timeout_s: float = option(
+        30.0, "pipeline stages: a stage that does not answer within this many seconds has failed"
+    )
     weights: str = option(
         "none",
         "decoder linears and LM head: none (the dtype's own), bf16, int8 (per channel) or int4 (group-wise, "
@@ -133,6 +152,7 @@ class EngineConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r} is not one of {', '.join(BACKENDS)}")
         self._check_weights()
+        self._check_placement()
         if self.backend != "torch" and self.dtype != "float32":
             raise ValueError(f"dtype: the {self.backend} backend runs the float32 export; use dtype float32")
         if self.trt_precision not in TRT_PRECISIONS:
@@ -184,6 +204,34 @@ class EngineConfig:
                 raise ValueError("block_boundaries: must start at 0 and be strictly increasing, e.g. (0, 10, 20)")
             self.block_boundaries = bounds
         self._check_spec()
+
+    def _check_placement(self) -> None:
+        _positive("pipeline_stages", self.pipeline_stages)
+        if self.micro_batches is not None:
+            _positive("micro_batches", self.micro_batches)
+        timeout = self.stage_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"stage_timeout_s: must be a positive number of seconds, got {timeout!r}")
+        if self.devices is not None:
+            devices = tuple(self.devices)
+            if not devices or any(not isinstance(d, str) or not DEVICE_PATTERN.match(d) for d in devices):
+                raise ValueError(
+                    f"devices: {','.join(map(str, devices)) or '(none)'} is not a list of cpu, cuda, cuda:N"
+                )
+            self.devices = devices
+            if self.device is not None and self.device != devices[0]:
+                raise ValueError(f"device: {self.device} differs from the first of --devices ({devices[0]}); give one")
+            if self.pipeline_stages > 1 and len(devices) != self.pipeline_stages:
+                raise ValueError(
+                    f"devices: {len(devices)} devices for {self.pipeline_stages} pipeline stages; give one per stage"
+                )
+        if self.is_placed and self.backend != "torch":
+            raise ValueError(f"backend: {self.backend} does not run split over devices or stages yet; use torch")
+
+    @property
+    def is_placed(self) -> bool:
+        """Blocks split over several devices (``devices``) or processes (``pipeline_stages``)."""
+        return self.pipeline_stages > 1 or (self.devices is not None and len(self.devices) > 1)
 
     def _check_spec(self) -> None:
         if self.spec not in SPEC_SOURCES:
@@ -259,7 +307,7 @@ def config_from_dict(raw: dict, where: str) -> EngineConfig:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ValueError(f"{where}: unknown setting(s) {unknown}")
-    for key in ("block_boundaries", "exit_points"):
+    for key in ("block_boundaries", "exit_points", "devices"):
         if isinstance(raw.get(key), list):
             raw[key] = tuple(raw[key])
     return EngineConfig(**raw)

@@ -48,7 +48,39 @@ class BlockBackend(ABC):
         consecutive ones that all read the group's input, and the group adds up their residual updates, so
         a group's layers could run at once. Each layer writes the K/V of its (stale) input. Only backends
         that run single layers can do this (``NotImplementedError`` elsewhere)."""
-        raise NotImplementedError(f"{type(self).__name__} runs whole blocks; easyspec needs the torch backend")
+        raise NotImplementedError(
+            f"{type(self).__name__} runs whole blocks; easyspec needs the torch backend in one process"
+        )
+
+    def run_blocks(
+        self,
+        first: int,
+        last: int,
+        hidden: torch.Tensor,  # [num_tokens, hidden]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        """Blocks ``[first, last)`` in turn (a backend split over stages sends each stage one call)."""
+        for b in range(first, last):
+            hidden = self.run_block(b, hidden, meta)
+        return hidden
+
+    def micro_batches(self, sizes: list[int]) -> list[tuple[int, int]]:
+        """How a full-depth step of items with ``sizes`` rows is split into micro-batches (ranges of
+        items) for ``run_pipelined``: one, unless the blocks run in pipeline stages."""
+        return [(0, len(sizes))]
+
+    def run_pipelined(self, parts: list[tuple[torch.Tensor, AttentionMetadata]]) -> list[torch.Tensor]:
+        """Every block on each micro-batch ([rows, hidden] and its metadata); stages in several
+        processes keep several micro-batches in flight at once."""
+        return [self.run_blocks(0, self.num_blocks, hidden, meta) for hidden, meta in parts]
+
+    @property
+    def failure(self) -> str | None:
+        """Why this backend cannot run any more (e.g. a pipeline stage died), or None."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 (most backends hold nothing outside this process)
+        """Release what the backend holds outside this process (pipeline stages)."""
 
     def propagate_kv(
         self,

@@ -41,6 +41,18 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def str_list(text: str) -> tuple[str, ...]:
+    """``"cpu,cuda:0"`` -> ``("cpu", "cuda:0")``."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _list_parser(hint):
+    """The parser of a ``tuple[int, ...]`` or ``tuple[str, ...]`` field."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return str_list if typing.get_args(hint)[:1] == (str,) else int_list
+
+
 class _Renamed(argparse.Action):
     """An old flag name: stores into the new one and says so once."""
 
@@ -61,7 +73,7 @@ def add_config_flags(
             continue
         kind, scale = _base_type(hints[f.name]), f.metadata.get("scale", 1)
         default = None if overrides or f.default is None else f.default // scale if scale != 1 else f.default
-        parse = int_list if kind is tuple else kind
+        parse = _list_parser(hints[f.name]) if kind is tuple else kind
         kwargs = {"dest": _dest(f), "default": default, "help": f.metadata["help"]}
         if kind is bool:
             group.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **kwargs)

@@ -151,7 +151,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=args.stop,
     )
     engine = LLMEngine(engine_config(args))
-    outputs = engine.generate(args.prompt, params)
+    try:
+        outputs = engine.generate(args.prompt, params)
+    finally:
+        engine.close()  # pipeline stages stop with the command
     if args.json:
         rows = [
             {
@@ -181,17 +184,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("ignore-eos: HF generate stops at EOS, so it cannot be compared with --compare hf")
     prompts = load_prompts(args.prompts_file)
     engine = LLMEngine(engine_config(args))
-    result = bench(
-        engine,
-        prompts,
-        args.num_requests,
-        args.concurrency,
-        args.max_tokens,
-        compare_hf=args.compare == "hf",
-        compare_llamacpp=args.compare == "llamacpp",
-        progress=sys.stderr.isatty(),
-        ignore_eos=args.ignore_eos,
-    )
+    try:
+        result = bench(
+            engine,
+            prompts,
+            args.num_requests,
+            args.concurrency,
+            args.max_tokens,
+            compare_hf=args.compare == "hf",
+            compare_llamacpp=args.compare == "llamacpp",
+            progress=sys.stderr.isatty(),
+            ignore_eos=args.ignore_eos,
+        )
+    finally:
+        engine.close()
     line = json.dumps(result)
     print(line)
     if args.output:
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         commands["eval"] = cmd_eval
         commands["export"] = cmd_export
         return commands[args.command](args)
-    except (ModelLoadError, ValueError, OSError) as exc:
+    except (ModelLoadError, ValueError, OSError) as exc:  # OSError includes a failed pipeline stage
         print(f"offramp: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
 

@@ -165,10 +165,15 @@ class BlockLoop:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _run_full(self, step: StepInput) -> LoopResult:
-        hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
+        parts = self.backend.micro_batches([s.num_rows for s in step.slices])
         start = time.perf_counter()
-        for b in range(self.backend.num_blocks):
-            hidden = self.backend.run_block(b, hidden, meta)
+        if len(parts) == 1:
+            hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
+            hidden = self.backend.run_blocks(0, self.backend.num_blocks, hidden, meta)
+        else:  # pipeline stages: micro-batches of items in flight across the stages
+            rows = [0, *itertools.accumulate(s.num_rows for s in step.slices)]
+            inputs = [(self._embed(step.token_ids[rows[a] : rows[b]]), self._meta(step.slices[a:b])) for a, b in parts]
+            hidden = torch.cat(self.backend.run_pipelined(inputs))  # [rows, hidden], in item order
         self.stats.block_s += time.perf_counter() - start
         result, row = LoopResult(), 0
         for i, item in enumerate(step.items):
@@ -189,10 +194,8 @@ class BlockLoop:
         writing K/V of those layers only. Returns [rows, hidden] after ``depth`` layers."""
         start = time.perf_counter()
         hidden, meta = self._embed(token_ids), self._meta(slices)
-        for b, (_, end) in enumerate(self.backend.block_ranges):
-            if end > depth:
-                break
-            hidden = self.backend.run_block(b, hidden, meta)
+        last = sum(end <= depth for _, end in self.backend.block_ranges)
+        hidden = self.backend.run_blocks(0, last, hidden, meta)
         self.stats.draft_s += time.perf_counter() - start
         return hidden
 
@@ -213,15 +216,17 @@ class BlockLoop:
             kept=[list(self.pending.get(it.seq.seq_id, [])) for it in items],
             redo=[() for _ in items],
         )
-        result = LoopResult()
-        for b, (start_layer, end) in enumerate(self.backend.block_ranges):
-            if any(p.depth == start_layer for i in walk.active for p in walk.kept[i]):
-                self._join(walk, start_layer)
+        result, ranges, b = LoopResult(), self.backend.block_ranges, 0
+        while b < len(ranges):
+            if self._joins_at(walk, ranges[b][0]):
+                self._join(walk, ranges[b][0])
             if walk.meta is None:
                 walk.meta = self._meta([dataclasses.replace(step.slices[i], redo=walk.redo[i]) for i in walk.active])
+            last = self._span(walk, b)
             t0 = time.perf_counter()
-            before, walk.hidden = walk.hidden, self.backend.run_block(b, walk.hidden, walk.meta)
+            before, walk.hidden = walk.hidden, self.backend.run_blocks(b, last, walk.hidden, walk.meta)
             self.stats.block_s += time.perf_counter() - t0
+            b, end = last, ranges[last - 1][1]
             if end in self.exit_depths:
                 leavers = self._check(walk, step.choices, before, end, result)
                 if leavers:
@@ -233,6 +238,23 @@ class BlockLoop:
             self._collect(result, i, items[i], walk.hidden, row_end)
             self._keep(items[i], walk.kept[i])
         return result
+
+    def _joins_at(self, walk: _Walk, depth: int) -> bool:
+        return any(p.depth == depth for i in walk.active for p in walk.kept[i])
+
+    def _span(self, walk: _Walk, b: int) -> int:
+        """One past the blocks run in one call from block ``b``: up to the next exit check or join
+        (a block that ends at an exit depth runs alone: its policy compares its input and output).
+        A backend split over processes sends each stage one message per call."""
+        ranges, last = self.backend.block_ranges, b + 1
+        while (
+            last < len(ranges)
+            and ranges[last - 1][1] not in self.exit_depths
+            and ranges[last][1] not in self.exit_depths
+            and not self._joins_at(walk, ranges[last][0])
+        ):
+            last += 1
+        return last
 
     def _join(self, walk: _Walk, depth: int) -> None:
         """Kept tokens whose K/V stops at ``depth`` re-enter before their item's rows (recompute)."""

@@ -173,7 +173,8 @@ class Speculator:
             if name == "easyspec":
                 if type(self.loop.backend).run_fuzzy is BlockBackend.run_fuzzy:
                     raise ValueError(
-                        f"spec: easyspec runs single layers, so --backend torch only (not {self.config.backend})"
+                        "spec: easyspec runs single layers in one process: --backend torch without pipeline "
+                        f"stages (not {type(self.loop.backend).__name__})"
                     )
                 group = self.config.spec_group_size
                 source = EasySpecDraft(self.loop, self.head, self.pages, depth, threshold, group)

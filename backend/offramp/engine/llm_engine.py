@@ -30,6 +30,8 @@ from offramp.model.loader import (
     resolve_model,
     source_gguf,
 )
+from offramp.pipeline.build import build_pipeline
+from offramp.pipeline.transport import StageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -60,7 +62,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.checkpoint = resolve_model(config.model)
         self.dtype = DTYPES[config.dtype]
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.devices[0] if config.devices else config.device)
         if config.backend == "onnxruntime" and self.device.type != "cpu":
             raise ValueError(f"device: the onnxruntime backend runs on cpu here, not {self.device}")
         print(f"offramp: device {self.device}, dtype {config.dtype}, backend {config.backend}", file=sys.stderr)
@@ -76,16 +78,24 @@ class LLMEngine:
         shape = self.weights.shape
         self.num_layers = shape.num_layers
         self.max_model_len = self._max_model_len()
-        num_pages = config.num_pages or pages_for_budget(shape, self.dtype, config.page_size, self._kv_budget_bytes())
-        self.pages = PageManager(num_pages, config.page_size)
         self.block_ranges = config.block_ranges(shape.num_layers)
-        export_dir = None
-        if config.backend != "torch":  # exported graphs: export (or reuse) first, build TensorRT engines
-            limits = (self.max_model_len, num_pages * config.page_size, shape.num_kv_heads)
-            export_dir = prepare_export(config, self.checkpoint, self.block_ranges, *limits)
-        kv_device, head_major = kv_layout(config, self.device)
-        self.kv = KVStore(shape, num_pages, config.page_size, self.dtype, [kv_device] * shape.num_layers, head_major)
-        self.backend = build_backend(config, self.weights, self.kv, self.block_ranges, export_dir)
+        self.placement = None
+        if config.is_placed:  # blocks and their K/V split over devices or pipeline stages
+            pipeline = build_pipeline(config, self.weights, self.block_ranges, self.device)
+            self.placement, self.weights, self.kv = pipeline.placement, pipeline.weights, pipeline.kv
+            self.backend, num_pages = pipeline.backend, pipeline.num_pages
+        else:
+            num_pages = self._build_blocks()
+        try:
+            self._build_loop(num_pages)
+        except BaseException:
+            self.backend.close()  # stage processes must not outlive a failed start
+            raise
+
+    def _build_loop(self, num_pages: int) -> None:
+        """Pages, runner, sessions, scheduler and the lossless mode's drafts over the built blocks."""
+        config, shape = self.config, self.weights.shape
+        self.pages = PageManager(num_pages, config.page_size)
         self.runner = ModelRunner(self.weights, self.backend, self.pages, config, self.max_model_len)
         self.sessions = KVSessionTable(self.pages, config.max_sessions, config.session_idle_timeout_s)
         self.scheduler = Scheduler(
@@ -99,6 +109,28 @@ class LLMEngine:
         self._generators: dict[int, torch.Generator] = {}
         self._seed_counter = itertools.count(config.seed)
         self._seqs: dict[str, Sequence] = {}
+
+    def _build_blocks(self) -> int:
+        """The KV store and block backend on one device; returns the number of pages."""
+        config, shape = self.config, self.weights.shape
+        num_pages = config.num_pages or pages_for_budget(shape, self.dtype, config.page_size, self._kv_budget_bytes())
+        export_dir = None
+        if config.backend != "torch":  # exported graphs: export (or reuse) first, build TensorRT engines
+            limits = (self.max_model_len, num_pages * config.page_size, shape.num_kv_heads)
+            export_dir = prepare_export(config, self.checkpoint, self.block_ranges, *limits)
+        kv_device, head_major = kv_layout(config, self.device)
+        self.kv = KVStore(shape, num_pages, config.page_size, self.dtype, [kv_device] * shape.num_layers, head_major)
+        self.backend = build_backend(config, self.weights, self.kv, self.block_ranges, export_dir)
+        return num_pages
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot run any more (a pipeline stage died or hung), or None."""
+        return self.backend.failure
+
+    def close(self) -> None:
+        """Stop what the engine runs outside this process (pipeline stages); idempotent."""
+        self.backend.close()
 
     def _kv_budget_bytes(self) -> int:
         """``kv_budget_bytes``, or on a GPU with ``kv_budget_fraction`` that share of its free memory."""
@@ -241,6 +273,8 @@ class LLMEngine:
         """One iteration: the scheduler picks, the runner runs, the scheduler appends each token with
         its exit depth, and finished sequences are retired. Returns (sequences that got a token,
         sequences that finished)."""
+        if self.backend.failure is not None:  # a pipeline stage died or hung: nothing can run
+            raise StageError(self.backend.failure)
         self.sessions.expire()
         self.spec.plan(self.scheduler.running)
         batch = self.scheduler.schedule()

@@ -12,9 +12,17 @@ def bytes_per_token_per_layer(shape: ModelShape, dtype: torch.dtype) -> int:
     return 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
 
 
-def pages_for_budget(shape: ModelShape, dtype: torch.dtype, page_size: int, budget_bytes: int) -> int:
-    per_page = bytes_per_token_per_layer(shape, dtype) * shape.num_layers * page_size
-    return max(1, budget_bytes // per_page)
+def pages_for_budget(
+    shape: ModelShape, dtype: torch.dtype, page_size: int, budget_bytes: int, num_layers: int | None = None
+) -> int:
+    """Pages that ``budget_bytes`` hold for ``num_layers`` layers (default: all of them), at least one."""
+    return max(1, budget_bytes // page_bytes(shape, dtype, page_size, num_layers))
+
+
+def page_bytes(shape: ModelShape, dtype: torch.dtype, page_size: int, num_layers: int | None = None) -> int:
+    """Bytes of one page over ``num_layers`` layers (default: all of them)."""
+    layers = shape.num_layers if num_layers is None else num_layers
+    return bytes_per_token_per_layer(shape, dtype) * layers * page_size
 
 
 class KVStore:
@@ -24,6 +32,9 @@ class KVStore:
     what the PyTorch engine reads), or ``[kv_heads, num_slots, head_dim]`` (``head_major=True``,
     what the exported block graphs read: their gathered pages need no transpose). Either way a slot
     index ``page * page_size + offset`` addresses one token's K or V.
+
+    ``layers`` (default: all) are the layers this store holds, e.g. one pipeline stage's; the others
+    get empty tensors. ``devices`` gives each layer's device (layers split over devices).
     """
 
     def __init__(
@@ -34,6 +45,7 @@ class KVStore:
         dtype: torch.dtype,
         devices: list[torch.device] | None = None,
         head_major: bool = False,
+        layers: range | None = None,
     ) -> None:
         self.num_pages = num_pages
         self.page_size = page_size
@@ -46,8 +58,10 @@ class KVStore:
             if head_major
             else (num_slots, shape.num_kv_heads, shape.head_dim)
         )
-        self.k = [torch.zeros(dims, dtype=dtype, device=d) for d in devices]
-        self.v = [torch.zeros(dims, dtype=dtype, device=d) for d in devices]
+        held = range(shape.num_layers) if layers is None else layers
+        self.layers = held
+        self.k = [torch.zeros(dims if i in held else (0,), dtype=dtype, device=d) for i, d in enumerate(devices)]
+        self.v = [torch.zeros(dims if i in held else (0,), dtype=dtype, device=d) for i, d in enumerate(devices)]
         self.bytes_per_token_per_layer = bytes_per_token_per_layer(shape, dtype)
 
     @property

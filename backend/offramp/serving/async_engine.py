@@ -88,8 +88,11 @@ class AsyncEngine:
         engine_factory: Callable[[], LLMEngine],
         max_queued: int = 256,
         on_stats: Callable[[EngineStats], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self._factory = engine_factory
+        self.on_fatal = on_fatal  # told once when the engine cannot run any more (a pipeline stage failed)
+        self.failure: str | None = None
         self.engine: LLMEngine | None = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
@@ -125,6 +128,8 @@ class AsyncEngine:
     def submit(self, handle: RequestHandle) -> None:
         """Queue a request; raises ``RequestError(code="unavailable")`` when the server is full."""
         with self._lock:
+            if self.failure is not None:
+                raise RequestError(f"the model failed ({self.failure}); retry on another instance", code="unavailable")
             if self._stop.is_set() or not self._thread.is_alive():
                 raise RequestError("the model is shutting down; retry on another instance", code="unavailable")
             if self._num_pending >= self.max_queued:
@@ -162,20 +167,46 @@ class AsyncEngine:
             return
         finally:
             self._ready.set()
-        while True:
-            try:
-                if self._iterate():
-                    return
-            except Exception as exc:  # a fault must not strand requests: each gets its final event
-                if self._loop_failed(exc):
-                    return
-            else:
-                self._recovered()
+        try:
+            while True:
+                try:
+                    if self._iterate():
+                        return
+                except Exception as exc:  # a fault must not strand requests: each gets its final event
+                    if self._loop_failed(exc):
+                        return
+                else:
+                    self._recovered()
+        finally:
+            self._close_engine()
+
+    def _close_engine(self) -> None:
+        try:
+            self.engine.close()  # pipeline stages stop with the engine thread
+        except Exception as exc:
+            log.error("offramp: closing the engine failed: %r", exc)
+
+    def _fatal(self, failure: str) -> None:
+        """The engine cannot run any more: every request in flight or queued gets an error, callers
+        are told (servers turn not ready), and the loop ends."""
+        with self._lock:
+            self.failure = failure
+        log.error("offramp: the engine failed and stops: %s", failure)
+        error = RequestError(f"the model failed ({failure}); retry on another instance", code="unavailable")
+        self._fail_all(error)
+        for handle in self._queued():
+            self._finish(handle, StreamEvent(handle.request_id, finished=True, error=error))
+        self._close_engine()  # the other stages stop before anyone is told
+        if self.on_fatal is not None:
+            self.on_fatal(failure)
 
     def _loop_failed(self, exc: Exception) -> bool:
         """After a failed pass: fail the live requests, log the error (with its traceback the first
         time it occurs in a row), and wait before the next pass (doubling, bounded). True when the
         thread should end (shutting down: queued requests are refused)."""
+        if self.engine.failure is not None:  # not a passing fault: a pipeline stage is gone
+            self._fatal(self.engine.failure)
+            return True
         self._fail_all(RequestError(f"internal error in the engine: {exc!r}", code="internal"))
         key = f"{type(exc).__name__}: {exc}"
         if key != self._last_error:
@@ -204,6 +235,9 @@ class AsyncEngine:
 
     def _iterate(self) -> bool:
         """One pass of the loop; True when the thread should end."""
+        if self.engine.failure is not None:  # found by the stages' heartbeat, maybe while idle
+            self._fatal(self.engine.failure)
+            return True
         self._admit()
         self._cancel()
         self._end_sessions()

@@ -121,6 +121,58 @@ def wait_ready(proc: subprocess.Popen, http: int, timeout: float) -> None:
     raise RuntimeError(f"tritonserver was not ready after {timeout:.0f} s")
 
 
+def watch_ready(proc: subprocess.Popen, http: int, period_s: float = 1.0, limit: int = 5) -> int:
+    """Serve until tritonserver exits (its code), or return 1 when a model's Python-backend stub has
+    exited (a pipeline stage failed and the stub left: Triton neither restarts it nor turns not
+    ready) or the server reports not ready ``limit`` checks in a row."""
+    stubs, misses = stub_pids(proc.pid), 0
+    while True:
+        try:
+            return proc.wait(timeout=period_s)
+        except subprocess.TimeoutExpired:
+            pass
+        now = stub_pids(proc.pid)
+        if stubs - now:
+            print("offramp: a model's Python-backend stub exited (see the log above); stopping", flush=True)
+            return 1
+        stubs |= now
+        misses = 0 if _is_ready(http) else misses + 1
+        if misses >= limit:
+            print("offramp: the server is not ready any more (see the log above); stopping", flush=True)
+            return 1
+
+
+def stub_pids(root: int) -> set[int]:
+    """Python-backend stubs among ``root``'s descendants (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            argv0 = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry))
+        names[int(entry)] = os.path.basename(argv0)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            if names.get(child) == "triton_python_backend_stub":
+                found.add(child)
+    return found
+
+
+def _is_ready(http: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
 def run_server(
     repo: Path,
     overrides: dict,
@@ -168,7 +220,7 @@ def run_server(
         if openai_port is not None:
             gateway = start_gateway(openai_host, openai_port, host, grpc, served_model(repo, overrides))
         _print_usage(host, http, grpc, metrics, openai_host if gateway else None, openai_port)
-        code = proc.wait()
+        code = watch_ready(proc, http)
     finally:
         stop_gateway(gateway)  # the gateway stops with the server
         stop_server(proc, already_signalled=stop["signal"])

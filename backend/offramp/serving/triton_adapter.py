@@ -156,7 +156,7 @@ class ModelAdapter:
         self.config.engine.device = instance_device(args, self.config.engine.device)
         self.metrics: Metrics | None = None
         self.engine = AsyncEngine(
-            lambda: LLMEngine(self.config.engine), self.config.max_queued_requests, self._on_stats
+            lambda: LLMEngine(self.config.engine), self.config.max_queued_requests, self._on_stats, self._on_fatal
         )
         self.engine.start()  # the engine is built on its own thread (see AsyncEngine)
         metrics = Metrics(pb, self.name, self.engine.engine.num_layers)
@@ -171,6 +171,22 @@ class ModelAdapter:
             self.metrics.update(stats)
             loop = self.engine.engine.runner.stats  # on the engine thread: the counts are current
             self.metrics.update_spec(loop.num_draft_tokens, loop.num_accepted_tokens)
+
+    def _on_fatal(self, failure: str) -> None:
+        """The engine cannot run any more (a pipeline stage died or hung): once the error responses
+        are sent, this stub exits. Triton does not restart it (nor turn the model not ready by itself):
+        ``offramp serve`` sees the stub gone, stops the server and exits with an error instead of
+        serving failures."""
+        self.pb.Logger.log_error(f"{self.name}: {failure}; the model stops")
+
+        def leave() -> None:
+            deadline = time.monotonic() + 10
+            while not self.outbox.empty() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # the last response leaves the sender
+            os._exit(1)
+
+        threading.Thread(target=leave, name=f"{self.name}-fatal", daemon=True).start()
 
     @property
     def tokenizer(self):

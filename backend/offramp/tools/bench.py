@@ -203,6 +203,7 @@ def bench(
         "weight_bytes": resident_weight_bytes(engine.weights),
         "weight_bytes_per_token": weight_bytes_per_token(engine.weights),
         "layers_per_block": engine.config.layers_per_block,
+        "placement": None if engine.placement is None else engine.placement.as_dict(),  # devices / stages
         "concurrency": concurrency,
         "num_requests": num_requests,
         "max_tokens": max_tokens,
