@@ -30,16 +30,32 @@ ALLOWED = {
     "offramp.model": {"offramp.config"},
     "offramp.blocks": {"offramp.config", "offramp.model"},
     "offramp.exits": {"offramp.config", "offramp.model"},
+    "offramp.sparsity": {"offramp.config", "offramp.model"},
     "offramp_export": {"offramp.config", "offramp.model", "offramp.blocks", "offramp.exits"},
-    "offramp.engine": {"offramp.config", "offramp.model", "offramp.blocks", "offramp.exits", "offramp_export"},
+    "offramp.engine": {
+        "offramp.config",
+        "offramp.model",
+        "offramp.blocks",
+        "offramp.exits",
+        "offramp.sparsity",
+        "offramp_export",
+    },
     "offramp.serving": {"offramp.config", "offramp.model", "offramp.engine"},
-    "offramp.tools": {"offramp.config", "offramp.model", "offramp.exits", "offramp.engine", "offramp.serving"},
+    "offramp.tools": {
+        "offramp.config",
+        "offramp.model",
+        "offramp.exits",
+        "offramp.sparsity",
+        "offramp.engine",
+        "offramp.serving",
+    },
     "offramp.cli": {
         "offramp.config",
         "offramp.model",
         "offramp.engine",
         "offramp.serving",
         "offramp.tools",
+        "offramp.sparsity",
         "offramp_export",
     },
     "offramp_client": set(),
@@ -111,7 +127,7 @@ def test_engine_layers_never_import_triton():
     assert triton == set()  # model.py passes Triton's utilities in; the package never imports them
 
 
-@pytest.mark.parametrize("subpackage", ["model", "blocks", "exits", "engine", "serving", "tools", "cli"])
+@pytest.mark.parametrize("subpackage", ["model", "blocks", "exits", "sparsity", "engine", "serving", "tools", "cli"])
 def test_each_subpackage_imports_in_isolation(subpackage):
     code = f"import offramp.{subpackage}"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

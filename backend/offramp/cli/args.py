@@ -107,7 +107,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**config_values(args, EngineConfig))
 
 
-def absolute_paths(values: dict, keys=("export_dir", "exit_head", "exit_classifier")) -> dict:
+def absolute_paths(values: dict, keys=("export_dir", "exit_head", "exit_classifier", "sparsity_predictor")) -> dict:
     """Paths for a server that runs in another directory: made absolute."""
     for key in keys:
         if values.get(key):

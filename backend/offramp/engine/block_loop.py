@@ -31,6 +31,7 @@ from offramp.engine.scheduler import ScheduledSeq
 from offramp.exits import ExitCheck, ExitHead, ExitPolicy
 from offramp.model.attention import AttentionMetadata, SeqSlice, build_metadata
 from offramp.model.decoder import ModelWeights
+from offramp.sparsity.executor import SparseExecutor
 
 
 @dataclass(slots=True)
@@ -49,6 +50,7 @@ class StepInput:
     slices: list[SeqSlice]
     token_ids: list[int]  # every item's new tokens, in item order
     choices: list[ExitChoice | None]  # None: full depth (prompt chunks, recomputation, exits off)
+    densities: list[float | None] = field(default_factory=list)  # contextual sparsity; None: dense
 
 
 @dataclass(slots=True)
@@ -120,13 +122,16 @@ class BlockLoop:
         exit_depths: set[int],
         kv_fill: str,
         head: ExitHead,
+        sparse: SparseExecutor | None = None,
     ) -> None:
         self.weights, self.backend, self.page_size = weights, backend, page_size
+        self.sparse = sparse  # contextual sparsity for decode rows (torch backend only)
         self.cos, self.sin = cos, sin
         self.exit_depths, self.kv_fill, self.head = exit_depths, kv_fill, head
         self.device = weights.embed.device  # every tensor of a step is made here
         self.pending: dict[int, list[Pending]] = {}  # seq_id -> kept tokens (recompute)
         self.stats = LoopStats()
+        self._sparse_step = False
 
     def release(self, seq_id: int) -> None:
         """Forget a sequence's kept tokens (finished, aborted, or about to be recomputed)."""
@@ -140,6 +145,9 @@ class BlockLoop:
 
     def run(self, step: StepInput) -> LoopResult:
         self._drop_recomputed(step.items)
+        self._sparse_step = self.sparse is not None and any(d is not None for d in step.densities)
+        if self._sparse_step:
+            self.sparse.begin(step.densities)
         exiting = self.exit_depths and any(c is not None for c in step.choices)
         if exiting or any(it.seq.seq_id in self.pending for it in step.items):
             return self._run_with_exits(step)
@@ -167,8 +175,10 @@ class BlockLoop:
     def _run_full(self, step: StepInput) -> LoopResult:
         hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
         start = time.perf_counter()
+        sizes = [s.num_rows for s in step.slices]
+        active = list(range(len(step.items)))
         for b in range(self.backend.num_blocks):
-            hidden = self.backend.run_block(b, hidden, meta)
+            hidden = self._block(b, hidden, meta, active, sizes)
         self.stats.block_s += time.perf_counter() - start
         result, row = LoopResult(), 0
         for i, item in enumerate(step.items):
@@ -212,7 +222,7 @@ class BlockLoop:
             if walk.meta is None:
                 walk.meta = self._meta([dataclasses.replace(step.slices[i], redo=walk.redo[i]) for i in walk.active])
             t0 = time.perf_counter()
-            before, walk.hidden = walk.hidden, self.backend.run_block(b, walk.hidden, walk.meta)
+            before, walk.hidden = walk.hidden, self._block(b, walk.hidden, walk.meta, walk.active, walk.sizes)
             self.stats.block_s += time.perf_counter() - t0
             if end in self.exit_depths:
                 leavers = self._check(walk, step.choices, before, end, result)
@@ -225,6 +235,22 @@ class BlockLoop:
             self._collect(result, i, items[i], walk.hidden, row_end)
             self._keep(items[i], walk.kept[i])
         return result
+
+    def _block(
+        self, b: int, hidden: torch.Tensor, meta: AttentionMetadata, active: list[int], sizes: list[int]
+    ) -> torch.Tensor:
+        """Block ``b`` on the rows of the ``active`` items (``sizes`` rows each): through the sparse
+        executor when the step has sparse rows (an item's single decode row; an item that brings
+        recomputed rows along runs dense), else through the backend."""
+        if not self._sparse_step:
+            return self.backend.run_block(b, hidden, meta)
+        rows, owners, end = [], [], 0
+        for i, size in zip(active, sizes):
+            end += size
+            if size == 1 and self.sparse.is_sparse(i):
+                rows.append(end - 1)
+                owners.append(i)
+        return self.sparse.run_block(b, hidden, meta, rows, owners)
 
     def _join(self, walk: _Walk, depth: int) -> None:
         """Kept tokens whose K/V stops at ``depth`` re-enter before their item's rows (recompute)."""
