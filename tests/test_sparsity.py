@@ -255,3 +255,31 @@ def test_bad_sparsity_settings_are_one_clear_line(tiny_models):
     assert parse_sampling_parameters('{"sparsity": "0.5"}', 16).sparsity == 0.5
     with pytest.raises(ValueError, match="no sparsity predictor"):
         _engine(tiny_models).add_request("r", [3, 4], _greedy(sparsity=0.5))
+
+
+# -- the commands ---------------------------------------------------------------------------------
+def test_calibrate_and_eval_sparsity_commands(tiny_models, tmp_path):
+    import json
+    import random
+
+    from offramp.cli.main import main
+    from offramp.tools.sparsity_calibrate import predictor_file
+
+    rng = random.Random(0)
+    prompts = tmp_path / "prompts.jsonl"
+    words = [" ".join(f"w{rng.randint(0, 119)}" for _ in range(8)) for _ in range(8)]
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in words))
+    cal, out = tmp_path / "cal", tmp_path / "eval"
+    argv = ["calibrate", "--sparsity", "--model", str(tiny_models["llama"]), "--out", str(cal), "--prompts-file"]
+    argv += [str(prompts), "--train-prompts-file", "none", "--max-tokens", "6", "--predictor-steps", "20"]
+    assert main(argv + ["--sparsity-group-size", "16", "--page-size", "4", "--num-pages", "64"]) == 0
+    for criterion in criteria.CRITERIA:
+        for kind in ("unified", "per_layer"):
+            assert (cal / predictor_file(criterion, kind)).is_file()
+    assert main(["eval", "--sparsity", "--calibration", str(cal), "--output", str(out), "--no-measure-speed"]) == 0
+    report = json.loads((out / "sparsity.json").read_text())
+    assert {"agreement_95", "agreement_90", "comparisons", "num_held_tokens"} <= report["summary"].keys()
+    kinds = {(r["criterion"], r["predictor"]) for r in report["rows"]}
+    assert ("random", "random") in kinds and len(kinds) == 5
+    assert {r["density"] for r in report["rows"]} == {1.0, 0.8, 0.6, 0.5, 0.4, 0.3}
+    assert (out / "sparsity.png").stat().st_size > 0

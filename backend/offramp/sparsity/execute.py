@@ -40,36 +40,53 @@ def attend(
     attn = paged_attention(q, k_store, v_store, meta)  # [n, nh * hd]
     if plan is None:
         return linear(attn, w.o_proj)
+    if plan.all_rows:
+        return _sparse_o(w, sw, attn, plan.sets[0], shape)
     out = x.new_empty(n, shape.hidden_size)  # [n, hidden]
     if plan.dense_rows is not None:
         out.index_copy_(0, plan.dense_rows, linear(attn.index_select(0, plan.dense_rows), w.o_proj))
     for s in plan.sets:
-        a = attn.index_select(0, s.rows)  # [m, nh * hd]
-        acc = None
-        for start, end in s.head_runs:  # [m, hidden] += a[:, heads] @ o_t[heads]
-            part = a[:, start * hd : end * hd] @ sw.o_t[start * hd : end * hd]
-            acc = part if acc is None else acc.add_(part)
-        out.index_copy_(0, s.rows, acc)
+        out.index_copy_(0, s.rows, _sparse_o(w, sw, attn.index_select(0, s.rows), s, shape))
     return out
+
+
+def _sparse_o(w: LayerWeights, sw: SparseLayerWeights, a: torch.Tensor, s: RowSet, shape: ModelShape) -> torch.Tensor:
+    """[m, nh * hd] -> [m, hidden] through the kept heads' columns of the output projection."""
+    hd = shape.head_dim
+    if s.head_runs == [(0, shape.num_heads)]:
+        return linear(a, w.o_proj)  # every head: the dense product
+    acc = None
+    for start, end in s.head_runs:  # [m, hidden] += a[:, heads] @ o_t[heads]
+        part = a[:, start * hd : end * hd] @ sw.o_t[start * hd : end * hd]
+        acc = part if acc is None else acc.add_(part)
+    return acc
 
 
 def _sparse_qkv(
     w: LayerWeights, sw: SparseLayerWeights, h: torch.Tensor, plan: LayerPlan, shape: ModelShape
 ) -> torch.Tensor:
     """Q (kept heads only, zeros elsewhere), K and V: [n, (nh + 2 nkv) * hd]."""
-    nq, hd = shape.num_heads * shape.head_dim, shape.head_dim
-    qkv = h.new_zeros(h.shape[0], sw.kv.shape[0] + nq)
+    if plan.all_rows:
+        return _set_qkv(w, sw, h, plan.sets[0], shape)
+    qkv = h.new_zeros(h.shape[0], w.qkv.shape[0])  # [n, (nh + 2 nkv) * hd]
     if plan.dense_rows is not None:
         qkv.index_copy_(0, plan.dense_rows, linear(h.index_select(0, plan.dense_rows), w.qkv, w.qkv_bias))
     for s in plan.sets:
-        hs = h.index_select(0, s.rows)  # [m, hidden]
-        part = hs.new_zeros(hs.shape[0], qkv.shape[1])  # [m, (nh + 2 nkv) * hd]
-        part[:, nq:] = linear(hs, sw.kv, sw.kv_bias)
-        for start, end in s.head_runs:
-            bias = None if sw.q_bias is None else sw.q_bias[start * hd : end * hd]
-            part[:, start * hd : end * hd] = linear(hs, sw.q[start * hd : end * hd], bias)
-        qkv.index_copy_(0, s.rows, part)
+        qkv.index_copy_(0, s.rows, _set_qkv(w, sw, h.index_select(0, s.rows), s, shape))
     return qkv
+
+
+def _set_qkv(w: LayerWeights, sw: SparseLayerWeights, hs: torch.Tensor, s: RowSet, shape: ModelShape) -> torch.Tensor:
+    """[m, hidden] -> [m, (nh + 2 nkv) * hd]: K/V always, Q of the kept heads (zeros elsewhere)."""
+    nq, hd = shape.num_heads * shape.head_dim, shape.head_dim
+    if s.head_runs == [(0, shape.num_heads)]:
+        return linear(hs, w.qkv, w.qkv_bias)  # every head: the fused product
+    part = hs.new_zeros(hs.shape[0], w.qkv.shape[0])
+    part[:, nq:] = linear(hs, sw.kv, sw.kv_bias)
+    for start, end in s.head_runs:
+        bias = None if sw.q_bias is None else sw.q_bias[start * hd : end * hd]
+        part[:, start * hd : end * hd] = linear(hs, sw.q[start * hd : end * hd], bias)
+    return part
 
 
 def feed_forward(
@@ -85,19 +102,24 @@ def feed_forward(
     if plan is None:
         gate, up = linear(h, w.gate_up).chunk(2, dim=-1)  # [n, intermediate] each
         return linear(F.silu(gate) * up, w.down)
+    if plan.all_rows:
+        return _sparse_ffn(w, sw, h, plan.sets[0], group_size)
     out = x.new_empty(x.shape)  # [n, hidden]
     if plan.dense_rows is not None:
         hd = h.index_select(0, plan.dense_rows)
         gate, up = linear(hd, w.gate_up).chunk(2, dim=-1)
         out.index_copy_(0, plan.dense_rows, linear(F.silu(gate) * up, w.down))
     for s in plan.sets:
-        out.index_copy_(0, s.rows, _sparse_ffn(sw, h.index_select(0, s.rows), s, group_size))
+        out.index_copy_(0, s.rows, _sparse_ffn(w, sw, h.index_select(0, s.rows), s, group_size))
     return out
 
 
-def _sparse_ffn(sw: SparseLayerWeights, h: torch.Tensor, s: RowSet, group_size: int) -> torch.Tensor:
+def _sparse_ffn(w: LayerWeights, sw: SparseLayerWeights, h: torch.Tensor, s: RowSet, group_size: int) -> torch.Tensor:
     """[m, hidden] -> [m, hidden] through the kept neuron groups only, one run at a time."""
     m, g = h.shape[0], group_size
+    if s.group_runs == [(0, sw.down_t.shape[0] // g)]:  # every group (a layer the floor made dense)
+        gate, up = linear(h, w.gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, w.down)
     acc = None
     for start, end in s.group_runs:
         gu = F.linear(h, sw.gate_up[2 * g * start : 2 * g * end]).view(m, end - start, 2, g)

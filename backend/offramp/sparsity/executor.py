@@ -65,6 +65,7 @@ class SparseExecutor:
         self.head_density, self.floor, self.batching = head_density, floor, batching
         self.group_size = predictor.layout.group_size
         self.stats = SparseStats()
+        self._in_order = False
         self._densities: dict[int, float] = {}
         self._runs: dict[object, tuple[list[list[Run]], list[list[Run]]]] = {}  # owner (, layer) -> (head, group) runs
 
@@ -94,6 +95,7 @@ class SparseExecutor:
         rows = torch.tensor(sparse_rows, dtype=torch.long, device=device)
         rest = sorted(set(range(hidden.shape[0])) - set(sparse_rows))
         dense = torch.tensor(rest, dtype=torch.long, device=device) if rest else None
+        self._in_order = sparse_rows == list(range(len(sparse_rows)))
         for layer in range(start, end):
             w, sw = layers[layer], self.sparse[layer]
             if layer == 0:
@@ -147,7 +149,7 @@ class SparseExecutor:
                 for k, o in enumerate(owners)
             ]
         self._count(layer, sets, heads)
-        return LayerPlan(sets, dense)
+        return LayerPlan(sets, dense, all_rows=dense is None and len(sets) == 1 and self._in_order)
 
     def _count(self, layer: int, sets: list[RowSet], heads: bool) -> None:
         """Shares of heads and groups computed (layer 0's attention is dense)."""

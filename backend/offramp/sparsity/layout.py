@@ -132,3 +132,11 @@ def coactive_order(importance: torch.Tensor, group_size: int, iters: int = 30) -
 
     split(torch.arange(importance.shape[1]))
     return torch.tensor(order, dtype=torch.long)
+
+
+def order_groups(perm: torch.Tensor, importance: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``perm`` with its groups sorted by mean importance (descending): the groups most tokens keep
+    sit side by side, so a token's kept groups form few runs (fewer, longer products)."""
+    groups = perm.view(-1, group_size)  # [num_groups, group_size]
+    mean = importance.float().mean(0)[groups].mean(-1)  # [num_groups]
+    return groups[torch.argsort(mean, descending=True)].reshape(-1)

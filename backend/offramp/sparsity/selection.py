@@ -26,6 +26,7 @@ class LayerPlan:
 
     sets: list[RowSet]
     dense_rows: torch.Tensor | None  # [d] long, or None when every row is sparse
+    all_rows: bool = False  # one set holding every row in order: no gather or scatter of rows needed
 
 
 def keep_top(scores: torch.Tensor, density: torch.Tensor, floor: float = 0.0) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 1. The model answers the calibration prompts (greedy, dense, full depth).
 2. Layout: per layer, neurons ordered so co-active ones share a group (``layout.coactive_order`` on
-   the |silu(gate) * up| of the first ``layout_tokens`` answer tokens), cut into ``group_size`` groups.
+   the |silu(gate) * up| of the first ``layout_tokens`` answer tokens), cut into ``group_size`` groups,
+   groups sorted by mean magnitude (``layout.order_groups``: commonly kept groups sit side by side).
 3. Importance: one teacher-forced forward and backward pass per answer (``criteria.collect``) gives,
    at each answer position, every head's and group's importance under ``magnitude`` and ``plainact``,
    with the unified predictor's input (layer 0's attention output) and each layer's input.
@@ -30,7 +31,7 @@ from offramp.engine.sampling import SamplingParams
 from offramp.model.decoder import ModelWeights
 from offramp.model.loader import load_weights
 from offramp.sparsity import criteria
-from offramp.sparsity.layout import SparseLayout, coactive_order, identity_layout
+from offramp.sparsity.layout import SparseLayout, coactive_order, identity_layout, order_groups
 from offramp.sparsity.predictor import (
     PREDICTOR_KINDS,
     flops_per_token,
@@ -100,7 +101,10 @@ def make_layout(weights: ModelWeights, seqs, cfg: SparsityTrainConfig, progress:
         count += imp.o0.shape[0]
         if count >= cfg.layout_tokens:
             break
-    perms = [coactive_order(torch.cat(rows), cfg.group_size) for rows in per_layer]
+    perms = []
+    for rows in per_layer:
+        imp = torch.cat(rows)  # [tokens, intermediate]
+        perms.append(order_groups(coactive_order(imp, cfg.group_size), imp, cfg.group_size))
     return SparseLayout(cfg.group_size, perms)
 
 
