@@ -166,13 +166,15 @@ def test_density_one_is_token_identical_to_dense(tiny_models, tmp_path):
     assert [o.token_ids for o in half] != [o.token_ids for o in dense]
 
 
-def test_per_row_batching_equals_each_request_alone(tiny_models, tmp_path):
-    """An input-dependent predictor: per-row masks under batching equal each request decoded alone."""
+@pytest.mark.parametrize("kind", ["unified", "per_layer"])
+def test_per_row_batching_equals_each_request_alone(tiny_models, tmp_path, kind):
+    """An input-dependent predictor: per-row masks under batching equal each request decoded alone,
+    and the reference with the predictor's own masks."""
     path = tmp_path / "random.safetensors"
     weights = _weights(tiny_models["llama"])
     s = weights.shape
     torch.manual_seed(3)
-    model = make_predictor("unified", s, s.intermediate_size // GROUP, width=16)
+    model = make_predictor(kind, s, s.intermediate_size // GROUP, width=16)
     save_predictor(path, model, _layout(weights), weights, {"criterion": "test"})
     kw = dict(sparsity=0.5, head_density=0.75, sparsity_predictor=str(path), sparsity_batching="per_row")
     batched = _engine(tiny_models, **kw).generate(PROMPTS, _greedy())

@@ -100,8 +100,8 @@ class SparseExecutor:
             w, sw = layers[layer], self.sparse[layer]
             if layer == 0:
                 o = attend(w, None, hidden, meta, kv.k[0], kv.v[0], shape, None)  # [n, hidden] dense
+                self._predict(0, (o if self.unified else hidden).index_select(0, rows), owners)  # input or o
                 hidden = hidden + o
-                self._predict(0, (o if self.unified else hidden - o).index_select(0, rows), owners)
             else:
                 if not self.unified:
                     self._predict(layer, hidden.index_select(0, rows), owners)
