@@ -115,15 +115,21 @@ def feed_forward(
 
 
 def _sparse_ffn(w: LayerWeights, sw: SparseLayerWeights, h: torch.Tensor, s: RowSet, group_size: int) -> torch.Tensor:
-    """[m, hidden] -> [m, hidden] through the kept neuron groups only, one run at a time."""
+    """[m, hidden] -> [m, hidden] through the kept neuron groups only: one gate/up product per run of
+    kept groups (on a view: each kept row read once), one activation over all of them, then one
+    accumulating down product per run."""
     m, g = h.shape[0], group_size
     if s.group_runs == [(0, sw.down_t.shape[0] // g)]:  # every group (a layer the floor made dense)
         gate, up = linear(h, w.gate_up).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, w.down)
-    acc = None
-    for start, end in s.group_runs:
-        gu = F.linear(h, sw.gate_up[2 * g * start : 2 * g * end]).view(m, end - start, 2, g)
-        act = (F.silu(gu[:, :, 0]) * gu[:, :, 1]).reshape(m, (end - start) * g)  # [m, run neurons]
-        part = act @ sw.down_t[g * start : g * end]  # [m, hidden]
-        acc = part if acc is None else acc.add_(part)
-    return acc if acc is not None else h.new_zeros(h.shape)
+    if not s.group_runs:
+        return h.new_zeros(h.shape)
+    parts = [F.linear(h, sw.gate_up[2 * g * start : 2 * g * end]) for start, end in s.group_runs]
+    gu = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).view(m, -1, 2, g)  # [m, kept, 2, g]
+    act = (F.silu(gu[:, :, 0]) * gu[:, :, 1]).reshape(m, -1)  # [m, kept * g]
+    acc, col = None, 0
+    for start, end in s.group_runs:  # [m, hidden] += act[:, run] @ down_t[run]
+        a, rows = act[:, col : col + (end - start) * g], sw.down_t[g * start : g * end]
+        acc = a @ rows if acc is None else acc.addmm_(a, rows)
+        col += (end - start) * g
+    return acc
