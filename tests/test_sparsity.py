@@ -285,3 +285,23 @@ def test_calibrate_and_eval_sparsity_commands(tiny_models, tmp_path):
     assert ("random", "random") in kinds and len(kinds) == 5
     assert {r["density"] for r in report["rows"]} == {1.0, 0.8, 0.6, 0.5, 0.4, 0.3}
     assert (out / "sparsity.png").stat().st_size > 0
+
+
+def test_bench_fields_and_the_triton_gauge_report_density(tiny_models, tmp_path):
+    from offramp.serving.async_engine import EngineStats
+    from offramp.serving.triton_adapter import Metrics
+    from offramp.tools.bench import run_engine
+    from test_serving_units import _FakePb
+
+    path = tmp_path / "const.safetensors"
+    weights = _weights(tiny_models["llama"])
+    _constant_predictor(path, weights, _fixed_scores(weights))
+    engine = _engine(tiny_models, sparsity=0.5, sparsity_predictor=str(path))
+    metrics, _ = run_engine(engine, PROMPTS, 2, 6, progress=False, params=_greedy())
+    assert metrics["density"] == 0.5 and metrics["head_density"] == 1.0 and metrics["predictor_cost_frac"] >= 0
+    plain, _ = run_engine(_engine(tiny_models), PROMPTS, 2, 6, progress=False, params=_greedy())
+    assert (plain["density"], plain["predictor_cost_frac"]) == (1.0, 0.0)
+    pb = _FakePb()
+    gauge = Metrics(pb, "offramp", 4)
+    gauge.update(EngineStats(0, 0, 0, 0, 0, sparsity_density=0.42))
+    assert pb.metrics["offramp_sparsity_mean_density"].value == 0.42

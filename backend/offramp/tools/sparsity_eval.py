@@ -128,7 +128,7 @@ def best_setting(rows: list[dict], target: float) -> dict | None:
     return min(ok, key=lambda r: (r["density"], -r["token_agreement"]), default=None)
 
 
-def _tokens_per_s(engine: LLMEngine, prompt_ids, concurrency: int, max_tokens: int, sparsity: float | None) -> float:
+def _tokens_per_s(engine: LLMEngine, prompt_ids, concurrency: int, max_tokens: int, sparsity: float | None):
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, sparsity=sparsity)
     metrics, _ = run_engine(engine, prompt_ids, concurrency, max_tokens, False, params=params)
     return metrics["tokens_per_s"], metrics
