@@ -211,6 +211,7 @@ def test_criteria_and_predictor_training(tiny_models, tmp_path):
     for name in criteria.CRITERIA:
         assert imp.scores[name].shape == (rows, s.num_layers, units) and (imp.scores[name] >= 0).all()
     assert imp.o0.shape == (rows, s.hidden_size) and imp.inputs.shape == (rows, s.num_layers, s.hidden_size)
+    assert imp.neurons == [] and len(criteria.collect(weights, ids, 4, layout, False, True).neurons) == s.num_layers
     # magnitude is exactly |silu(gate) * up| summed per group: check one against the trace
     trace = masked_forward(weights, ids)
     assert torch.allclose(trace.o0[4:-1], imp.o0, atol=1e-5)

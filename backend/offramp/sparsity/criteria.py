@@ -44,9 +44,15 @@ def _groups(neurons: torch.Tensor, perm: torch.Tensor, group_size: int) -> torch
 
 
 def collect(
-    weights: ModelWeights, token_ids: list[int], prompt_len: int, layout: SparseLayout, gradients: bool = True
+    weights: ModelWeights,
+    token_ids: list[int],
+    prompt_len: int,
+    layout: SparseLayout,
+    gradients: bool = True,
+    keep_neurons: bool = False,
 ) -> Importance:
-    """Importance at positions ``prompt_len .. T-2`` (rows predicting tokens ``prompt_len+1 ..``)."""
+    """Importance at positions ``prompt_len .. T-2`` (rows predicting tokens ``prompt_len+1 ..``);
+    ``keep_neurons``: also every neuron's |a| (for the layout; large)."""
     n = len(token_ids)
     rows = slice(prompt_len, n - 1)
     with torch.enable_grad():
@@ -61,7 +67,8 @@ def collect(
     mag, plain, neurons = [], [], []
     for layer, (act, head) in enumerate(zip(trace.acts, trace.heads)):
         a, hv = act[rows].detach().float(), head[rows].detach().float()  # [r, I], [r, nh, hd]
-        neurons.append(a.abs())
+        if keep_neurons:
+            neurons.append(a.abs())
         mag.append(torch.cat((hv.norm(dim=-1), _groups(a.abs(), layout.perms[layer], g)), dim=-1))
         if gradients:
             ga, gh = grads_a[layer][rows].float(), grads_h[layer][rows].float()

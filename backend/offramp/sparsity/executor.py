@@ -60,7 +60,7 @@ class SparseExecutor:
         self.shape = weights.shape
         self.layout = predictor.layout
         self.sparse = sparse_weights(weights, predictor.layout)
-        self.model = predictor.model
+        self.model = predictor.model.to(weights.embed.device)
         self.unified = isinstance(predictor.model, UnifiedPredictor)
         self.head_density, self.floor, self.batching = head_density, floor, batching
         self.group_size = predictor.layout.group_size
@@ -118,7 +118,7 @@ class SparseExecutor:
         nh = self.shape.num_heads
         with torch.inference_mode():
             scores = self.model(x) if self.unified else self.model.layer(layer, x)[:, None]  # [m, L or 1, units]
-        density = torch.tensor([self._densities[o] for o in owners], dtype=torch.float32)
+        density = torch.tensor([self._densities[o] for o in owners], dtype=torch.float32, device=x.device)
         heads = keep_top(scores[..., :nh], torch.full_like(density, self.head_density), self.floor)
         groups = keep_top(scores[..., nh:], density, self.floor)  # [m, L or 1, groups]
         if self.unified:

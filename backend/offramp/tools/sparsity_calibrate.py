@@ -53,7 +53,7 @@ def predictor_file(criterion: str, kind: str) -> str:
 @dataclass(slots=True)
 class SparsityTrainConfig:
     group_size: int = 64
-    layout_tokens: int = 2048
+    layout_tokens: int = 1024
     unified_width: int = 256
     per_layer_width: int = 128
     steps: int = 600
@@ -95,7 +95,7 @@ def make_layout(weights: ModelWeights, seqs, cfg: SparsityTrainConfig, progress:
     per_layer: list[list[torch.Tensor]] = [[] for _ in weights.layers]
     count = 0
     for prompt, answer in tqdm(seqs, desc="layout", disable=not progress, leave=False):
-        imp = criteria.collect(weights, prompt + answer, len(prompt), base, gradients=False)
+        imp = criteria.collect(weights, prompt + answer, len(prompt), base, gradients=False, keep_neurons=True)
         for layer, a in enumerate(imp.neurons):
             per_layer[layer].append(a)
         count += imp.o0.shape[0]
