@@ -219,6 +219,8 @@ def evaluate_sparsity(cfg: SparsityEvalConfig, progress: bool, num_threads: int 
             entry |= {"speedup_c1": speed["c1"]["speedup"], "speedup_c16": speed["c16"]["speedup"], "speed": speed}
         summary[key] = entry
     summary["comparisons"] = comparisons(rows)
+    keys = ("kind", "criterion", "spearman", "params", "flops_per_token", "step_ms")
+    summary["predictors"] = [{k: p[k] for k in keys} for p in calibration["predictors"]]
     summary["num_held_tokens"] = sum(s.dense_pick.numel() for s in seqs)
     return {"summary": summary, "rows": rows, "calibration": calibration, "densities": list(cfg.densities)}
 
