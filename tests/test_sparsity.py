@@ -11,7 +11,7 @@ from offramp.engine.llm_engine import LLMEngine
 from offramp.model.loader import load_weights
 from offramp.serving.requests import RequestError, parse_sampling_parameters
 from offramp.sparsity import criteria
-from offramp.sparsity.layout import SparseLayout, coactive_order, identity_layout
+from offramp.sparsity.layout import SparseLayout, coactive_order, identity_layout, order_groups
 from offramp.sparsity.masked import masked_forward
 from offramp.sparsity.predictor import (
     UnifiedPredictor,
@@ -84,6 +84,12 @@ def test_coactive_order_is_a_permutation_that_groups_coactive_neurons():
     assert sorted(order.tolist()) == list(range(32))
     first = set(mixed[order[:16]].tolist())
     assert first in ({*range(16)}, {*range(16, 32)})
+
+
+def test_order_groups_puts_commonly_important_groups_first():
+    perm = torch.arange(8)
+    importance = torch.tensor([[0.0, 0, 5, 5, 1, 1, 9, 9]] * 3)  # groups of 2: means 0, 5, 1, 9
+    assert order_groups(perm, importance, 2).tolist() == [6, 7, 2, 3, 4, 5, 0, 1]
 
 
 # -- execution against the zeroing reference -----------------------------------------------------
