@@ -22,7 +22,7 @@ from offramp.sparsity.predictor import (
     spearman,
     train,
 )
-from offramp.sparsity.selection import keep_top, runs
+from offramp.sparsity.selection import fill_gaps, keep_top, runs
 from offramp.sparsity.selectors import FixedSelector, PredictedSelector
 
 PROMPTS = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [20, 21] * 5]
@@ -73,6 +73,8 @@ def test_keep_top_runs_and_floor():
     assert keep_top(scores, torch.tensor([0.01])).sum() == 1  # at least one unit
     assert keep_top(scores, torch.tensor([0.5]), floor=0.9).all()  # kept 1.4 / 1.7 < 0.9: unsure -> dense
     assert runs([True, True, False, True]) == [(0, 2), (3, 4)] and runs([False]) == []
+    keep = torch.tensor([True, False, True, False, False, True, False])
+    assert fill_gaps(keep).tolist() == [True, True, True, False, False, True, False]
 
 
 def test_coactive_order_is_a_permutation_that_groups_coactive_neurons():
@@ -93,12 +95,13 @@ def test_order_groups_puts_commonly_important_groups_first():
 
 
 # -- execution against the zeroing reference -----------------------------------------------------
-def _fixed_masks(weights, density: float, head_density: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fixed_masks(weights, density: float, head_density: float, fill: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """What the constant predictor keeps: heads [layers, heads], groups [layers, groups] bool."""
     scores, nh = _fixed_scores(weights), weights.shape.num_heads
     heads = keep_top(scores[None, :, :nh], torch.tensor([head_density]))[0]
     heads[0] = True  # layer 0's attention feeds the predictor: always dense
-    return heads, keep_top(scores[None, :, nh:], torch.tensor([density]))[0]
+    groups = keep_top(scores[None, :, nh:], torch.tensor([density]))[0]
+    return heads, fill_gaps(groups) if fill else groups
 
 
 class _Capture:
@@ -112,7 +115,7 @@ class _Capture:
         return self.sampler(logits, params, generators)
 
 
-@pytest.mark.parametrize("batching", ["union", "per_row"])
+@pytest.mark.parametrize("batching", ["union", "per_row", "union+fill"])
 def test_fixed_mask_equals_the_zeroed_reference(tiny_models, tmp_path, batching):
     """Batched sparse decode with fixed masks picks, at every step, what the plain model with the
     skipped heads' attention and the skipped neurons' activations zeroed picks."""
@@ -120,12 +123,18 @@ def test_fixed_mask_equals_the_zeroed_reference(tiny_models, tmp_path, batching)
     weights = _weights(tiny_models["llama"])
     _constant_predictor(path, weights, _fixed_scores(weights))
     pred = load_predictor(path, weights)
-    heads, groups = _fixed_masks(weights, 0.5, 0.5)
+    batching, fill = batching.split("+")[0], batching.endswith("+fill")
+    heads, groups = _fixed_masks(weights, 0.5, 0.5, fill)
     engine = _engine(
-        tiny_models, sparsity=0.5, head_density=0.5, sparsity_predictor=str(path), sparsity_batching=batching
+        tiny_models,
+        sparsity=0.5,
+        head_density=0.5,
+        sparsity_predictor=str(path),
+        sparsity_batching=batching,
+        sparsity_fill_gaps=fill,
     )
     outs = engine.generate(PROMPTS, _greedy())
-    assert engine.runner.sparse.stats.mean_density == 0.5
+    assert engine.runner.sparse.stats.mean_density == round(groups.float().mean().item(), 4)
     assert engine.runner.sparse.stats.mean_head_density < 1
     changed = False
     for prompt, out in zip(PROMPTS, outs):

@@ -138,6 +138,9 @@ class EngineConfig:
         "sparse rows of one step: union (all rows over the union of their selections) or per_row (each its own)",
         choices=SPARSITY_BATCHING,
     )
+    sparsity_fill_gaps: bool = option(
+        False, "contextual sparsity: also compute a single skipped neuron group between two kept ones (fewer products)"
+    )
     sparsity_group_size: int | None = option(
         None, "FFN neurons per group the predictor must have been trained for (default: the file's own)"
     )
@@ -217,6 +220,8 @@ class EngineConfig:
             )
         if self.sparsity_group_size is not None:
             _positive("sparsity_group_size", self.sparsity_group_size)
+        if not isinstance(self.sparsity_fill_gaps, bool):
+            raise ValueError(f"sparsity_fill_gaps: must be true or false, got {self.sparsity_fill_gaps!r}")
         if self.sparsity_predictor is not None and (
             not isinstance(self.sparsity_predictor, str) or not self.sparsity_predictor
         ):

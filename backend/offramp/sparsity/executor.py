@@ -22,7 +22,7 @@ from offramp.model.kv_store import KVStore
 from offramp.sparsity.execute import attend, feed_forward
 from offramp.sparsity.layout import sparse_weights
 from offramp.sparsity.predictor import PredictorFile, UnifiedPredictor
-from offramp.sparsity.selection import LayerPlan, RowSet, Run, keep_top, layer_runs
+from offramp.sparsity.selection import LayerPlan, RowSet, Run, fill_gaps, keep_top, layer_runs
 
 BATCHING = ("union", "per_row")
 
@@ -53,6 +53,7 @@ class SparseExecutor:
         head_density: float,
         floor: float,
         batching: str,
+        fill: bool = False,
     ) -> None:
         if batching not in BATCHING:
             raise ValueError(f"sparsity_batching: {batching!r} is not one of {', '.join(BATCHING)}")
@@ -62,7 +63,7 @@ class SparseExecutor:
         self.sparse = sparse_weights(weights, predictor.layout)
         self.model = predictor.model.to(weights.embed.device)
         self.unified = isinstance(predictor.model, UnifiedPredictor)
-        self.head_density, self.floor, self.batching = head_density, floor, batching
+        self.head_density, self.floor, self.batching, self.fill = head_density, floor, batching, fill
         self.group_size = predictor.layout.group_size
         self.stats = SparseStats()
         self._in_order = False
@@ -121,6 +122,8 @@ class SparseExecutor:
         density = torch.tensor([self._densities[o] for o in owners], dtype=torch.float32, device=x.device)
         heads = keep_top(scores[..., :nh], torch.full_like(density, self.head_density), self.floor)
         groups = keep_top(scores[..., nh:], density, self.floor)  # [m, L or 1, groups]
+        if self.fill:
+            groups = fill_gaps(groups)
         if self.unified:
             heads[:, 0] = True  # layer 0's attention ran dense (it feeds the predictor)
         self._store(layer, heads, groups, owners)

@@ -47,6 +47,14 @@ def keep_top(scores: torch.Tensor, density: torch.Tensor, floor: float = 0.0) ->
     return keep
 
 
+def fill_gaps(keep: torch.Tensor) -> torch.Tensor:
+    """keep [..., units] bool with every single skipped unit between two kept ones kept too: two runs
+    become one product (a group's bytes read against two products' fixed costs)."""
+    out = keep.clone()
+    out[..., 1:-1] |= keep[..., :-2] & keep[..., 2:]
+    return out
+
+
 def runs(keep: list[bool]) -> list[Run]:
     """[True, True, False, True] -> [(0, 2), (3, 4)]."""
     out: list[Run] = []

@@ -9,18 +9,27 @@ import torch
 from offramp.sparsity.layout import SparseLayout
 from offramp.sparsity.masked import Masks
 from offramp.sparsity.predictor import PredictorFile, UnifiedPredictor
-from offramp.sparsity.selection import keep_top
+from offramp.sparsity.selection import fill_gaps, keep_top
 
 
 class _TopK:
-    def __init__(self, layout: SparseLayout, num_heads: int, density: float, head_density: float, floor: float) -> None:
+    def __init__(
+        self,
+        layout: SparseLayout,
+        num_heads: int,
+        density: float,
+        head_density: float,
+        floor: float,
+        fill: bool = False,
+    ) -> None:
         self.layout, self.num_heads = layout, num_heads
-        self.density, self.head_density, self.floor = density, head_density, floor
+        self.density, self.head_density, self.floor, self.fill = density, head_density, floor, fill
 
     def _masks(self, layer: int, scores: torch.Tensor) -> Masks:  # scores [T, heads + groups]
         n, nh = scores.shape[0], self.num_heads
         heads = keep_top(scores[:, None, :nh], torch.full((n,), self.head_density), self.floor)[:, 0]
         groups = keep_top(scores[:, None, nh:], torch.full((n,), self.density), self.floor)[:, 0]
+        groups = fill_gaps(groups) if self.fill else groups
         return heads, self.layout.neuron_mask(layer, groups)
 
 
@@ -29,9 +38,15 @@ class PredictedSelector(_TopK):
     a per-layer one each layer from its input."""
 
     def __init__(
-        self, pred: PredictorFile, num_heads: int, density: float, head_density: float = 1.0, floor: float = 0.0
+        self,
+        pred: PredictorFile,
+        num_heads: int,
+        density: float,
+        head_density: float = 1.0,
+        floor: float = 0.0,
+        fill: bool = False,
     ):
-        super().__init__(pred.layout, num_heads, density, head_density, floor)
+        super().__init__(pred.layout, num_heads, density, head_density, floor, fill)
         self.model = pred.model
         self._all: torch.Tensor | None = None
 
