@@ -33,10 +33,16 @@ class SparseStats:
     num_row_layers: int = 0  # sparse rows x layers run
     group_density_sum: float = 0.0  # share of FFN groups computed, summed over those row-layers
     head_density_sum: float = 0.0  # share of query heads computed, likewise
+    num_ffn_sets: int = 0  # row sets run through a sparse FFN (one per layer in union batching)
+    num_ffn_runs: int = 0  # their runs of consecutive groups (one gate/up and one down product each)
 
     @property
     def mean_density(self) -> float | None:
         return round(self.group_density_sum / self.num_row_layers, 4) if self.num_row_layers else None
+
+    @property
+    def runs_per_layer(self) -> float | None:
+        return round(self.num_ffn_runs / self.num_ffn_sets, 3) if self.num_ffn_sets else None
 
     @property
     def mean_head_density(self) -> float | None:
@@ -164,6 +170,8 @@ class SparseExecutor:
             return
         kept = sum(sum(e - s for s, e in st.group_runs) * st.rows.numel() for st in sets)
         self.stats.group_density_sum += kept / ng
+        self.stats.num_ffn_sets += len(sets)
+        self.stats.num_ffn_runs += sum(len(st.group_runs) for st in sets)
         self.stats.num_row_layers += num_rows
         if layer == 0:
             self.stats.head_density_sum += num_rows

@@ -108,6 +108,7 @@ def _sparsity_metrics(engine: LLMEngine, wall: float) -> dict:
         "density": sparse.stats.mean_density,
         "head_density": sparse.stats.mean_head_density,
         "predictor_cost_frac": round(sparse.stats.predictor_s / wall, 4) if wall else None,
+        "ffn_runs_per_layer": sparse.stats.runs_per_layer,
     }
 
 

@@ -160,6 +160,7 @@ def measure_speed(setting: dict, cfg: SparsityEvalConfig, model: str) -> dict:
             "speedup": round(s / d, 3),
             "predictor_cost_frac": statistics.median(cost),
             "density_used": metrics["density"],
+            "ffn_runs_per_layer": metrics.get("ffn_runs_per_layer"),
         }
     engine.runner.sparse.batching = "per_row"  # the other batching at 16, same prompts
     tps = statistics.median(
