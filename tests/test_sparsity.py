@@ -75,6 +75,8 @@ def test_keep_top_runs_and_floor():
     assert runs([True, True, False, True]) == [(0, 2), (3, 4)] and runs([False]) == []
     keep = torch.tensor([True, False, True, False, False, True, False])
     assert fill_gaps(keep).tolist() == [True, True, True, False, False, True, False]
+    assert fill_gaps(keep, 2).tolist() == [True, True, True, True, True, True, False]
+    assert torch.equal(fill_gaps(keep, 0), keep)
 
 
 def test_coactive_order_is_a_permutation_that_groups_coactive_neurons():
@@ -101,7 +103,7 @@ def _fixed_masks(weights, density: float, head_density: float, fill: bool = Fals
     heads = keep_top(scores[None, :, :nh], torch.tensor([head_density]))[0]
     heads[0] = True  # layer 0's attention feeds the predictor: always dense
     groups = keep_top(scores[None, :, nh:], torch.tensor([density]))[0]
-    return heads, fill_gaps(groups) if fill else groups
+    return heads, fill_gaps(groups, 2) if fill else groups
 
 
 class _Capture:
@@ -131,7 +133,7 @@ def test_fixed_mask_equals_the_zeroed_reference(tiny_models, tmp_path, batching)
         head_density=0.5,
         sparsity_predictor=str(path),
         sparsity_batching=batching,
-        sparsity_fill_gaps=fill,
+        sparsity_max_gap=2 if fill else 0,
     )
     outs = engine.generate(PROMPTS, _greedy())
     assert engine.runner.sparse.stats.mean_density == round(groups.float().mean().item(), 4)

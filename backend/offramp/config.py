@@ -138,8 +138,10 @@ class EngineConfig:
         "sparse rows of one step: union (all rows over the union of their selections) or per_row (each its own)",
         choices=SPARSITY_BATCHING,
     )
-    sparsity_fill_gaps: bool = option(
-        False, "contextual sparsity: also compute a single skipped neuron group between two kept ones (fewer products)"
+    sparsity_max_gap: int = option(
+        0,
+        "contextual sparsity: also compute gaps of at most this many skipped neuron groups between kept ones "
+        "(one product instead of two; bfloat16 products have a large fixed cost on the CPU)",
     )
     sparsity_group_size: int | None = option(
         None, "FFN neurons per group the predictor must have been trained for (default: the file's own)"
@@ -220,8 +222,9 @@ class EngineConfig:
             )
         if self.sparsity_group_size is not None:
             _positive("sparsity_group_size", self.sparsity_group_size)
-        if not isinstance(self.sparsity_fill_gaps, bool):
-            raise ValueError(f"sparsity_fill_gaps: must be true or false, got {self.sparsity_fill_gaps!r}")
+        gap = self.sparsity_max_gap
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
+            raise ValueError(f"sparsity_max_gap: must be an integer >= 0, got {gap!r}")
         if self.sparsity_predictor is not None and (
             not isinstance(self.sparsity_predictor, str) or not self.sparsity_predictor
         ):

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="offline early-exit trade-off report from an offramp calibrate directory")
     ev.add_argument("--calibration", required=True, help="the directory offramp calibrate wrote")
     ev.add_argument("--output", default="docs/eval", help="directory for report.json, report.md and PNGs")
-    only = ("model", "num_threads", "dtype", "weights", "head_density", "sparsity_floor", "sparsity_fill_gaps")
+    only = ("model", "num_threads", "dtype", "weights", "head_density", "sparsity_floor", "sparsity_max_gap")
     add_config_flags(ev, EngineConfig, only=only, overrides=True)  # override the calibrated
     ev.add_argument("--thresholds", action="append", default=[], help="POLICY=T1,T2,... (replaces that policy's grid)")
     ev.add_argument("--measure", action="store_true", help="also run offramp bench: calibrated policy vs full depth")

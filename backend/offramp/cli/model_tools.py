@@ -129,7 +129,7 @@ def cmd_eval_sparsity(args: argparse.Namespace) -> int:
         Path(args.output),
         head_density=overrides.get("head_density", 1.0),
         floor=overrides.get("sparsity_floor", 0.0),
-        fill_gaps=bool(overrides.get("sparsity_fill_gaps", False)),
+        max_gap=overrides.get("sparsity_max_gap", 0),
         measure=args.measure_speed,
         repeats=args.repeats,
         max_tokens=args.max_tokens,

@@ -78,7 +78,7 @@ class ModelRunner:
             cfg.head_density,
             cfg.sparsity_floor,
             cfg.sparsity_batching,
-            cfg.sparsity_fill_gaps,
+            cfg.sparsity_max_gap,
         )
 
     @property

@@ -59,7 +59,7 @@ class SparseExecutor:
         head_density: float,
         floor: float,
         batching: str,
-        fill: bool = False,
+        max_gap: int = 0,
     ) -> None:
         if batching not in BATCHING:
             raise ValueError(f"sparsity_batching: {batching!r} is not one of {', '.join(BATCHING)}")
@@ -69,7 +69,7 @@ class SparseExecutor:
         self.sparse = sparse_weights(weights, predictor.layout)
         self.model = predictor.model.to(weights.embed.device)
         self.unified = isinstance(predictor.model, UnifiedPredictor)
-        self.head_density, self.floor, self.batching, self.fill = head_density, floor, batching, fill
+        self.head_density, self.floor, self.batching, self.max_gap = head_density, floor, batching, max_gap
         self.group_size = predictor.layout.group_size
         self.stats = SparseStats()
         self._in_order = False
@@ -128,8 +128,7 @@ class SparseExecutor:
         density = torch.tensor([self._densities[o] for o in owners], dtype=torch.float32, device=x.device)
         heads = keep_top(scores[..., :nh], torch.full_like(density, self.head_density), self.floor)
         groups = keep_top(scores[..., nh:], density, self.floor)  # [m, L or 1, groups]
-        if self.fill:
-            groups = fill_gaps(groups)
+        groups = fill_gaps(groups, self.max_gap)
         if self.unified:
             heads[:, 0] = True  # layer 0's attention ran dense (it feeds the predictor)
         self._store(layer, heads, groups, owners)

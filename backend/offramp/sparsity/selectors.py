@@ -20,16 +20,16 @@ class _TopK:
         density: float,
         head_density: float,
         floor: float,
-        fill: bool = False,
+        max_gap: int = 0,
     ) -> None:
         self.layout, self.num_heads = layout, num_heads
-        self.density, self.head_density, self.floor, self.fill = density, head_density, floor, fill
+        self.density, self.head_density, self.floor, self.max_gap = density, head_density, floor, max_gap
 
     def _masks(self, layer: int, scores: torch.Tensor) -> Masks:  # scores [T, heads + groups]
         n, nh = scores.shape[0], self.num_heads
         heads = keep_top(scores[:, None, :nh], torch.full((n,), self.head_density), self.floor)[:, 0]
         groups = keep_top(scores[:, None, nh:], torch.full((n,), self.density), self.floor)[:, 0]
-        groups = fill_gaps(groups) if self.fill else groups
+        groups = fill_gaps(groups, self.max_gap)
         return heads, self.layout.neuron_mask(layer, groups)
 
 
@@ -44,9 +44,9 @@ class PredictedSelector(_TopK):
         density: float,
         head_density: float = 1.0,
         floor: float = 0.0,
-        fill: bool = False,
+        max_gap: int = 0,
     ):
-        super().__init__(pred.layout, num_heads, density, head_density, floor, fill)
+        super().__init__(pred.layout, num_heads, density, head_density, floor, max_gap)
         self.model = pred.model
         self._all: torch.Tensor | None = None
 

@@ -48,7 +48,7 @@ class SparsityEvalConfig:
     densities: tuple[float, ...] = DENSITIES
     head_density: float = 1.0
     floor: float = 0.0
-    fill_gaps: bool = False
+    max_gap: int = 0
     measure: bool = True
     repeats: int = 3
     max_tokens: int = 64
@@ -111,10 +111,10 @@ def quality_rows(weights, seqs: list[_Seq], cfg: SparsityEvalConfig, progress: b
             elif pred is None:
                 agreement, ppl = _quality(weights, seqs, RandomSelector(layout, nh, ng, density, cfg.head_density))
             else:
-                sel = PredictedSelector(pred, nh, density, cfg.head_density, cfg.floor, cfg.fill_gaps)
+                sel = PredictedSelector(pred, nh, density, cfg.head_density, cfg.floor, cfg.max_gap)
                 agreement, ppl = _quality(weights, seqs, sel)
             row = {"criterion": criterion, "predictor": kind, "density": density, "head_density": cfg.head_density}
-            row |= {"fill_gaps": cfg.fill_gaps, "floor": cfg.floor}
+            row |= {"max_gap": cfg.max_gap, "floor": cfg.floor}
             row |= {"token_agreement": agreement, "perplexity_ratio": ppl}
             if pred is not None:
                 row |= {"predictor_params": pred.meta["params"], "spearman": pred.meta["spearman"]}
@@ -140,7 +140,7 @@ def measure_speed(setting: dict, cfg: SparsityEvalConfig, model: str) -> dict:
     """Dense and sparse decoding in one engine, alternating, at concurrency 1 and 16."""
     path = cfg.cal_dir / predictor_file(setting["criterion"], setting["predictor"])
     settings = {"model": model, "dtype": "bfloat16", **cfg.speed_config, "sparsity_predictor": str(path)}
-    settings |= {"head_density": setting["head_density"], "sparsity_fill_gaps": cfg.fill_gaps}
+    settings |= {"head_density": setting["head_density"], "sparsity_max_gap": cfg.max_gap}
     settings["sparsity_floor"] = cfg.floor
     engine = LLMEngine(EngineConfig(**settings))
     prompts = load_prompts()
