@@ -300,7 +300,7 @@ def test_calibrate_and_eval_sparsity_commands(tiny_models, tmp_path):
     report = json.loads((out / "sparsity.json").read_text())
     assert {"agreement_95", "agreement_90", "comparisons", "num_held_tokens"} <= report["summary"].keys()
     kinds = {(r["criterion"], r["predictor"]) for r in report["rows"]}
-    assert ("random", "random") in kinds and len(kinds) == 5
+    assert ("random", "random") in kinds and ("magnitude", "oracle") in kinds and len(kinds) == 6
     assert {r["density"] for r in report["rows"]} == {1.0, 0.8, 0.6, 0.5, 0.4, 0.3}
     assert (out / "sparsity.png").stat().st_size > 0
 

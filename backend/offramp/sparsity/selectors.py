@@ -89,3 +89,20 @@ class FixedSelector:
 
     def select(self, layer: int, x_in: torch.Tensor, o0: torch.Tensor) -> Masks:
         return self.heads[:, layer], self.layout.neuron_mask(layer, self.groups[:, layer])
+
+
+class OracleSelector(_TopK):
+    """The upper bound of a magnitude predictor: each position keeps the groups with the largest true
+    sum of |silu(gate) * up| in that layer (read after computing them; heads all kept)."""
+
+    def __init__(self, layout: SparseLayout, num_heads: int, density: float) -> None:
+        super().__init__(layout, num_heads, density, 1.0, 0.0)
+
+    def select(self, layer: int, x_in: torch.Tensor, o0: torch.Tensor) -> Masks:
+        return None, None
+
+    def ffn_keep(self, layer: int, act: torch.Tensor) -> torch.Tensor:  # act [T, intermediate]
+        g = self.layout.group_size
+        scores = act.detach().abs()[:, self.layout.perms[layer]].view(act.shape[0], -1, g).sum(-1)  # [T, groups]
+        groups = keep_top(scores[:, None], torch.full((act.shape[0],), self.density))[:, 0]
+        return self.layout.neuron_mask(layer, groups)

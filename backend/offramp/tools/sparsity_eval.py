@@ -6,7 +6,8 @@ zeroed (``masked.masked_forward``; the prompt dense, every answer position with 
 the engine decodes it). ``token_agreement``: share of answer positions (from the second answer
 token on, the first comes from the dense prefill) where the sparse argmax equals the dense argmax;
 ``perplexity_ratio``: exp(mean cross-entropy of the answer tokens, sparse minus dense). Settings:
-each criterion x predictor file, plus random selection, at each density.
+each criterion x predictor file, plus random selection and the magnitude oracle (true magnitudes, the
+upper bound of a magnitude predictor), at each density.
 
 Speed, same run: for the best setting with agreement >= 0.95 and the best >= 0.90, one engine with
 that predictor decodes the bundled prompts dense (requests without ``sparsity``) and sparse
@@ -33,7 +34,7 @@ from offramp.model.loader import load_weights, resolve_model
 from offramp.sparsity import criteria
 from offramp.sparsity.masked import masked_forward
 from offramp.sparsity.predictor import PREDICTOR_KINDS, load_predictor
-from offramp.sparsity.selectors import PredictedSelector, RandomSelector
+from offramp.sparsity.selectors import OracleSelector, PredictedSelector, RandomSelector
 from offramp.tools.bench import bench_prompt_ids, load_prompts, run_engine
 from offramp.tools.sparsity_calibrate import FILES, predictor_file
 
@@ -103,11 +104,14 @@ def quality_rows(weights, seqs: list[_Seq], cfg: SparsityEvalConfig, progress: b
         raise ValueError(f"calibration: no predictor files in {cfg.cal_dir}; run offramp calibrate --sparsity")
     ng = layout.num_groups(weights.shape.intermediate_size)
     settings.append(("random", "random", None))
+    settings.append(("magnitude", "oracle", None))  # true magnitudes: what a perfect predictor would reach
     bar = tqdm(total=len(settings) * len(cfg.densities), desc="sparsity eval", disable=not progress, leave=False)
     for criterion, kind, pred in settings:
         for density in cfg.densities:
             if density >= 1 and cfg.head_density >= 1:
                 agreement, ppl = 1.0, 1.0  # every unit kept: the dense model itself
+            elif kind == "oracle":
+                agreement, ppl = _quality(weights, seqs, OracleSelector(layout, nh, density))
             elif pred is None:
                 agreement, ppl = _quality(weights, seqs, RandomSelector(layout, nh, ng, density, cfg.head_density))
             else:
@@ -126,7 +130,8 @@ def quality_rows(weights, seqs: list[_Seq], cfg: SparsityEvalConfig, progress: b
 
 def best_setting(rows: list[dict], target: float) -> dict | None:
     """The lowest density (then the highest agreement) of a trained predictor keeping ``target``."""
-    ok = [r for r in rows if r["predictor"] != "random" and r["density"] < 1 and r["token_agreement"] >= target]
+    trained = [r for r in rows if r["predictor"] not in ("random", "oracle") and r["density"] < 1]
+    ok = [r for r in trained if r["token_agreement"] >= target]
     return min(ok, key=lambda r: (r["density"], -r["token_agreement"]), default=None)
 
 
