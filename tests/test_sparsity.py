@@ -303,6 +303,11 @@ def test_calibrate_and_eval_sparsity_commands(tiny_models, tmp_path):
     assert ("random", "random") in kinds and ("magnitude", "oracle") in kinds and len(kinds) == 6
     assert {r["density"] for r in report["rows"]} == {1.0, 0.8, 0.6, 0.5, 0.4, 0.3}
     assert (out / "sparsity.png").stat().st_size > 0
+    speed = ["eval", "--sparsity", "--calibration", str(cal), "--output", str(tmp_path / "speed"), "--repeats", "1"]
+    assert main(speed + ["--max-tokens", "3"]) == 0  # dense vs sparse in one engine, c1 and c16
+    measured = json.loads((tmp_path / "speed" / "sparsity.json").read_text())["summary"]["speed_at_reference_density"]
+    assert measured["density"] == 0.5 and measured["c1"]["speedup"] > 0 and measured["c16"]["faster_batching"]
+    assert measured["c1"]["density_used"] == 0.5
 
 
 def test_bench_fields_and_the_triton_gauge_report_density(tiny_models, tmp_path):

@@ -40,6 +40,7 @@ from offramp.tools.sparsity_calibrate import FILES, predictor_file
 
 DENSITIES = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3)
 TARGETS = (0.95, 0.90)
+REFERENCE_DENSITY = 0.5  # speed is also measured here, with the best trained predictor, whatever its quality
 
 
 @dataclass(slots=True)
@@ -135,6 +136,18 @@ def best_setting(rows: list[dict], target: float) -> dict | None:
     return min(ok, key=lambda r: (r["density"], -r["token_agreement"]), default=None)
 
 
+def not_reached(rows: list[dict], target: float) -> dict:
+    """Where the curves stand when no trained setting keeps ``target``: the best trained agreement
+    below density 1, and the oracle's, at each density."""
+    curve: dict[str, dict] = {}
+    for r in rows:
+        if r["density"] < 1 and r["predictor"] != "random":
+            name = "oracle" if r["predictor"] == "oracle" else "best_predictor"
+            best = curve.setdefault(name, {})
+            best[str(r["density"])] = max(best.get(str(r["density"]), 0.0), r["token_agreement"])
+    return {"target": target, "agreement_by_density": curve}
+
+
 def _tokens_per_s(engine: LLMEngine, prompt_ids, concurrency: int, max_tokens: int, sparsity: float | None):
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, sparsity=sparsity)
     metrics, _ = run_engine(engine, prompt_ids, concurrency, max_tokens, False, params=params)
@@ -219,7 +232,7 @@ def evaluate_sparsity(cfg: SparsityEvalConfig, progress: bool, num_threads: int 
         best = best_setting(rows, target)
         key = f"agreement_{int(target * 100)}"
         if best is None:
-            summary[key] = None
+            summary[key] = {"reached": False, **not_reached(rows, target)}
             continue
         entry = {k: best.get(k) for k in ("criterion", "predictor", "density", "head_density", "token_agreement")}
         entry |= {k: best.get(k) for k in ("perplexity_ratio", "predictor_params", "spearman")}
@@ -227,6 +240,14 @@ def evaluate_sparsity(cfg: SparsityEvalConfig, progress: bool, num_threads: int 
             speed = measure_speed(best, cfg, model)
             entry |= {"speedup_c1": speed["c1"]["speedup"], "speedup_c16": speed["c16"]["speedup"], "speed": speed}
         summary[key] = entry
+    reference = max(
+        (r for r in rows if r["density"] == REFERENCE_DENSITY and r["predictor"] not in ("random", "oracle")),
+        key=lambda r: r["token_agreement"],
+        default=None,
+    )
+    if cfg.measure and reference is not None:  # speed at a fixed density, whatever the quality
+        keys = ("criterion", "predictor", "density", "token_agreement", "perplexity_ratio")
+        summary["speed_at_reference_density"] = {k: reference[k] for k in keys} | measure_speed(reference, cfg, model)
     summary["comparisons"] = comparisons(rows)
     keys = ("kind", "criterion", "spearman", "params", "flops_per_token", "step_ms")
     summary["predictors"] = [{k: p[k] for k in keys} for p in calibration["predictors"]]
