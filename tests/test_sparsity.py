@@ -302,6 +302,7 @@ def test_calibrate_and_eval_sparsity_commands(tiny_models, tmp_path):
     kinds = {(r["criterion"], r["predictor"]) for r in report["rows"]}
     assert ("random", "random") in kinds and ("magnitude", "oracle") in kinds and len(kinds) == 6
     assert {r["density"] for r in report["rows"]} == {1.0, 0.8, 0.6, 0.5, 0.4, 0.3}
+    assert {r["density_used"] for r in report["rows"] if r["density"] == 0.5} == {0.5}  # 4 of 8 groups
     assert (out / "sparsity.png").stat().st_size > 0
     speed = ["eval", "--sparsity", "--calibration", str(cal), "--output", str(tmp_path / "speed"), "--repeats", "1"]
     assert main(speed + ["--max-tokens", "3"]) == 0  # dense vs sparse in one engine, c1 and c16

@@ -24,12 +24,23 @@ class _TopK:
     ) -> None:
         self.layout, self.num_heads = layout, num_heads
         self.density, self.head_density, self.floor, self.max_gap = density, head_density, floor, max_gap
+        self.sparse_from = 0  # positions before it run dense (the prompt): not counted
+        self.kept = self.total = 0  # groups kept / groups, over the sparse positions of every layer
+
+    def _count(self, groups: torch.Tensor) -> torch.Tensor:
+        self.kept += int(groups[self.sparse_from :].sum())
+        self.total += groups[self.sparse_from :].numel()
+        return groups
+
+    @property
+    def density_used(self) -> float | None:
+        return round(self.kept / self.total, 4) if self.total else None
 
     def _masks(self, layer: int, scores: torch.Tensor) -> Masks:  # scores [T, heads + groups]
         n, nh = scores.shape[0], self.num_heads
         heads = keep_top(scores[:, None, :nh], torch.full((n,), self.head_density), self.floor)[:, 0]
         groups = keep_top(scores[:, None, nh:], torch.full((n,), self.density), self.floor)[:, 0]
-        groups = fill_gaps(groups, self.max_gap)
+        groups = self._count(fill_gaps(groups, self.max_gap))
         return heads, self.layout.neuron_mask(layer, groups)
 
 
@@ -104,5 +115,5 @@ class OracleSelector(_TopK):
     def ffn_keep(self, layer: int, act: torch.Tensor) -> torch.Tensor:  # act [T, intermediate]
         g = self.layout.group_size
         scores = act.detach().abs()[:, self.layout.perms[layer]].view(act.shape[0], -1, g).sum(-1)  # [T, groups]
-        groups = keep_top(scores[:, None], torch.full((act.shape[0],), self.density))[:, 0]
+        groups = self._count(keep_top(scores[:, None], torch.full((act.shape[0],), self.density))[:, 0])
         return self.layout.neuron_mask(layer, groups)

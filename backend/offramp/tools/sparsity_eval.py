@@ -83,6 +83,7 @@ def _quality(weights, seqs: list[_Seq], selector) -> tuple[float, float]:
     agree, ce, dense_ce, n = 0, 0.0, 0.0, 0
     with torch.no_grad():
         for s in seqs:
+            selector.sparse_from = s.prompt_len
             logits = masked_forward(weights, s.ids, selector, sparse_from=s.prompt_len).logits[_score_slice(s)]
             agree += int((logits.argmax(-1) == s.dense_pick).sum())
             ce += F.cross_entropy(logits, torch.tensor(s.ids[s.prompt_len + 1 :]), reduction="sum").item()
@@ -109,16 +110,19 @@ def quality_rows(weights, seqs: list[_Seq], cfg: SparsityEvalConfig, progress: b
     bar = tqdm(total=len(settings) * len(cfg.densities), desc="sparsity eval", disable=not progress, leave=False)
     for criterion, kind, pred in settings:
         for density in cfg.densities:
+            sel = None
             if density >= 1 and cfg.head_density >= 1:
                 agreement, ppl = 1.0, 1.0  # every unit kept: the dense model itself
-            elif kind == "oracle":
-                agreement, ppl = _quality(weights, seqs, OracleSelector(layout, nh, density))
-            elif pred is None:
-                agreement, ppl = _quality(weights, seqs, RandomSelector(layout, nh, ng, density, cfg.head_density))
             else:
-                sel = PredictedSelector(pred, nh, density, cfg.head_density, cfg.floor, cfg.max_gap)
+                if kind == "oracle":
+                    sel = OracleSelector(layout, nh, density)
+                elif pred is None:
+                    sel = RandomSelector(layout, nh, ng, density, cfg.head_density)
+                else:
+                    sel = PredictedSelector(pred, nh, density, cfg.head_density, cfg.floor, cfg.max_gap)
                 agreement, ppl = _quality(weights, seqs, sel)
             row = {"criterion": criterion, "predictor": kind, "density": density, "head_density": cfg.head_density}
+            row["density_used"] = 1.0 if sel is None else sel.density_used  # after the floor and gap filling
             row |= {"max_gap": cfg.max_gap, "floor": cfg.floor}
             row |= {"token_agreement": agreement, "perplexity_ratio": ppl}
             if pred is not None:
