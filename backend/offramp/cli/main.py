@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=32)
     ev.add_argument(
         "--sparsity",
+        dest="sparsity_mode",  # not EngineConfig.sparsity (a density)
         action="store_true",
         help="contextual sparsity report from an offramp calibrate --sparsity directory: sparsity.json and "
         "sparsity.png (speed in --dtype, default bfloat16; --no-measure-speed to skip)",

@@ -143,7 +143,7 @@ def cmd_eval_sparsity(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.sparsity:
+    if args.sparsity_mode:
         return cmd_eval_sparsity(args)
     from offramp.engine.llm_engine import LLMEngine
     from offramp.serving.serving_config import load_serving_config
