@@ -258,7 +258,7 @@ def render_markdown(report: dict, pngs: list[str]) -> str:
 
 def plot_sparsity(report: dict, png: Path) -> Path:
     """Contextual sparsity: teacher-forced agreement and perplexity ratio against FFN density, one
-    line per criterion and predictor (random selection dashed)."""
+    line per criterion and predictor (random selection dashed, the magnitude oracle dotted)."""
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(1, 2, figsize=(11, 4.5))
     lines: dict[str, list[dict]] = {}
@@ -267,7 +267,7 @@ def plot_sparsity(report: dict, png: Path) -> Path:
         lines.setdefault(name, []).append(row)
     for name, rows in lines.items():
         rows = sorted(rows, key=lambda r: r["density"])
-        style = "--" if name == "random" else "-"
+        style = "--" if name == "random" else ":" if name.endswith("oracle") else "-"
         xs = [r["density"] for r in rows]
         top.plot(xs, [r["token_agreement"] for r in rows], style, marker="o", label=name)
         bottom.plot(xs, [r["perplexity_ratio"] for r in rows], style, marker="o", label=name)
