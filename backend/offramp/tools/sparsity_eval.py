@@ -134,10 +134,11 @@ def quality_rows(weights, seqs: list[_Seq], cfg: SparsityEvalConfig, progress: b
 
 
 def best_setting(rows: list[dict], target: float) -> dict | None:
-    """The lowest density (then the highest agreement) of a trained predictor keeping ``target``."""
-    trained = [r for r in rows if r["predictor"] not in ("random", "oracle") and r["density"] < 1]
+    """The lowest density actually computed (after the floor and gap filling; then the highest
+    agreement) of a trained predictor keeping ``target``."""
+    trained = [r for r in rows if r["predictor"] not in ("random", "oracle") and r["density_used"] < 1]
     ok = [r for r in trained if r["token_agreement"] >= target]
-    return min(ok, key=lambda r: (r["density"], -r["token_agreement"]), default=None)
+    return min(ok, key=lambda r: (r["density_used"], -r["token_agreement"]), default=None)
 
 
 def not_reached(rows: list[dict], target: float) -> dict:
@@ -238,7 +239,8 @@ def evaluate_sparsity(cfg: SparsityEvalConfig, progress: bool, num_threads: int 
         if best is None:
             summary[key] = {"reached": False, **not_reached(rows, target)}
             continue
-        entry = {k: best.get(k) for k in ("criterion", "predictor", "density", "head_density", "token_agreement")}
+        entry = {k: best.get(k) for k in ("criterion", "predictor", "density", "density_used", "head_density")}
+        entry["token_agreement"] = best["token_agreement"]
         entry |= {k: best.get(k) for k in ("perplexity_ratio", "predictor_params", "spearman")}
         if cfg.measure:
             speed = measure_speed(best, cfg, model)
