@@ -14,6 +14,10 @@ mkdir -p "$out"
   --num-threads "$threads" | tee "$out/eval_summary.json"
 .venv/bin/python perf/sparsity_kernels.py --threads "$threads" | tee "$out/kernels.jsonl"
 pred="$out/cal/predictor_magnitude_unified.safetensors"
+for c in 1 16; do  # the dense baseline, same format
+  .venv/bin/offramp bench --model "$model" --dtype bfloat16 --num-threads "$threads" --concurrency "$c" \
+    --num-requests $((c == 1 ? 8 : 32)) --max-tokens 64 --ignore-eos --json | tee -a "$out/bench.jsonl"
+done
 for gap in 0 2 4; do
   for c in 1 16; do
     .venv/bin/offramp bench --model "$model" --dtype bfloat16 --num-threads "$threads" --sparsity 0.5 \
