@@ -117,7 +117,7 @@ class _Capture:
         return self.sampler(logits, params, generators)
 
 
-@pytest.mark.parametrize("batching", ["union", "per_row", "union+fill"])
+@pytest.mark.parametrize("batching", ["union", "per_row", "union+fill", "union+chunked", "per_row+chunked"])
 def test_fixed_mask_equals_the_zeroed_reference(tiny_models, tmp_path, batching):
     """Batched sparse decode with fixed masks picks, at every step, what the plain model with the
     skipped heads' attention and the skipped neurons' activations zeroed picks."""
@@ -125,10 +125,11 @@ def test_fixed_mask_equals_the_zeroed_reference(tiny_models, tmp_path, batching)
     weights = _weights(tiny_models["llama"])
     _constant_predictor(path, weights, _fixed_scores(weights))
     pred = load_predictor(path, weights)
-    batching, fill = batching.split("+")[0], batching.endswith("+fill")
+    batching, fill, chunked = batching.split("+")[0], batching.endswith("+fill"), batching.endswith("+chunked")
     heads, groups = _fixed_masks(weights, 0.5, 0.5, fill)
     engine = _engine(
         tiny_models,
+        max_num_batched_tokens=5 if chunked else 1024,  # prompt chunks in the same steps as sparse decodes
         sparsity=0.5,
         head_density=0.5,
         sparsity_predictor=str(path),
