@@ -205,14 +205,19 @@ def test_per_row_batching_equals_each_request_alone(tiny_models, tmp_path, kind)
         assert ref.logits[len(prompt) - 1 : -1].argmax(-1).tolist() == out.token_ids
 
 
-def test_sparsity_composes_with_early_exit(tiny_models, tmp_path):
+@pytest.mark.parametrize("kv_fill", ["propagate", "recompute"])
+def test_sparsity_composes_with_early_exit(tiny_models, tmp_path, kv_fill):
+    """Sparse rows exit; with recompute, exited tokens re-enter (dense) beside the sparse rows."""
     path = tmp_path / "const.safetensors"
     weights = _weights(tiny_models["llama"])
     _constant_predictor(path, weights, _fixed_scores(weights))
-    engine = _engine(tiny_models, layers_per_block=1, sparsity=0.5, sparsity_predictor=str(path))
+    kw = dict(layers_per_block=1, sparsity=0.5, sparsity_predictor=str(path), kv_fill=kv_fill)
+    engine = _engine(tiny_models, **kw)
     leave = _greedy(exit_policy="similarity", exit_threshold=-1.0)  # every decode token leaves at layer 1
     outs = engine.generate(PROMPTS, leave)
     assert all(o.exit_layers[1:] == [1] * (MAX_NEW - 1) for o in outs)
+    mixed = _engine(tiny_models, **kw).generate(PROMPTS, [leave, _greedy(), leave])  # one goes full depth
+    assert mixed[1].exit_layers == [4] * MAX_NEW
     assert engine.runner.sparse.stats.num_row_layers > 0
     engine.pages.check_invariants()
     assert engine.pages.num_used_pages == 0
