@@ -36,9 +36,7 @@ def keep_top(scores: torch.Tensor, density: torch.Tensor, floor: float = 0.0) ->
     predicted (non-negative) importance, the predictor is unsure and the whole layer is kept."""
     units = scores.shape[-1]
     k = (density.float() * units).round().clamp(1, units).long()  # [rows]
-    order = scores.argsort(dim=-1, descending=True)  # [rows, layers, units]
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(units, device=scores.device).expand_as(order))
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # [rows, layers, units]: 0 = best
     keep = rank < k[:, None, None]
     if floor > 0:
         pos = scores.float().clamp_min(0)
