@@ -30,6 +30,7 @@ ALLOWED = {
     "offramp.model": {"offramp.config"},
     "offramp.blocks": {"offramp.config", "offramp.model"},
     "offramp.exits": {"offramp.config", "offramp.model"},
+    "offramp.sparsity": {"offramp.config", "offramp.model"},
     "offramp_export": {"offramp.config", "offramp.model", "offramp.blocks", "offramp.exits"},
     "offramp.pipeline": {"offramp.config", "offramp.model", "offramp.blocks"},
     "offramp.engine": {
@@ -38,16 +39,25 @@ ALLOWED = {
         "offramp.blocks",
         "offramp.exits",
         "offramp.pipeline",
+        "offramp.sparsity",
         "offramp_export",
     },
     "offramp.serving": {"offramp.config", "offramp.model", "offramp.engine"},
-    "offramp.tools": {"offramp.config", "offramp.model", "offramp.exits", "offramp.engine", "offramp.serving"},
+    "offramp.tools": {
+        "offramp.config",
+        "offramp.model",
+        "offramp.exits",
+        "offramp.sparsity",
+        "offramp.engine",
+        "offramp.serving",
+    },
     "offramp.cli": {
         "offramp.config",
         "offramp.model",
         "offramp.engine",
         "offramp.serving",
         "offramp.tools",
+        "offramp.sparsity",
         "offramp_export",
     },
     "offramp_client": set(),
@@ -119,7 +129,9 @@ def test_engine_layers_never_import_triton():
     assert triton == set()  # model.py passes Triton's utilities in; the package never imports them
 
 
-@pytest.mark.parametrize("subpackage", ["model", "blocks", "exits", "pipeline", "engine", "serving", "tools", "cli"])
+@pytest.mark.parametrize(
+    "subpackage", ["model", "blocks", "exits", "pipeline", "sparsity", "engine", "serving", "tools", "cli"]
+)
 def test_each_subpackage_imports_in_isolation(subpackage):
     code = f"import offramp.{subpackage}"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -20,6 +20,7 @@ WEIGHTS = ("none", "bf16", "int8", "int4")
 WEIGHT_GROUP_SIZES = (32, 64, 128)
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 SPEC_SOURCES = ("none", "ngram", "exit", "easyspec")  # draft sources of the lossless mode
+SPARSITY_BATCHING = ("union", "per_row")  # a batch's sparse rows share the union of their selections, or not
 
 
 def option(default, help: str, **meta):
@@ -142,6 +143,34 @@ class EngineConfig:
         16, "a sequence whose drafts do not pay decodes plainly this many steps, then retries (then 2x, up to 16x)"
     )
 
+    sparsity: float = option(
+        1.0,
+        "contextual sparsity: share of FFN neuron groups each decode token computes, in (0, 1] (1.0: dense); "
+        "below 1 needs --sparsity-predictor; requests may ask for their own (sampling_parameters 'sparsity')",
+    )
+    head_density: float = option(1.0, "contextual sparsity: share of query heads each sparse decode token computes")
+    sparsity_predictor: str | None = option(
+        None, "safetensors predictor from offramp calibrate --sparsity (unified or per-layer)"
+    )
+    sparsity_floor: float = option(
+        0.0,
+        "contextual sparsity's confidence floor: a layer whose kept heads or groups hold less than this share "
+        "of the predicted importance runs dense for that token (0: never)",
+    )
+    sparsity_batching: str = option(
+        "union",
+        "sparse rows of one step: union (all rows over the union of their selections) or per_row (each its own)",
+        choices=SPARSITY_BATCHING,
+    )
+    sparsity_max_gap: int = option(
+        0,
+        "contextual sparsity: also compute gaps of at most this many skipped neuron groups between kept ones "
+        "(one product instead of two; bfloat16 products have a large fixed cost on the CPU)",
+    )
+    sparsity_group_size: int | None = option(
+        None, "FFN neurons per group the predictor must have been trained for (default: the file's own)"
+    )
+
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model: must be 'default' or a path to a checkpoint directory or GGUF file")
@@ -204,6 +233,41 @@ class EngineConfig:
                 raise ValueError("block_boundaries: must start at 0 and be strictly increasing, e.g. (0, 10, 20)")
             self.block_boundaries = bounds
         self._check_spec()
+        self._check_sparsity()
+
+    def _check_sparsity(self) -> None:
+        _fraction("sparsity", self.sparsity)
+        _fraction("head_density", self.head_density)
+        floor = self.sparsity_floor
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+            raise ValueError(f"sparsity_floor: must be a number in [0, 1], got {floor!r}")
+        if self.sparsity_batching not in SPARSITY_BATCHING:
+            raise ValueError(
+                f"sparsity_batching: {self.sparsity_batching!r} is not one of {', '.join(SPARSITY_BATCHING)}"
+            )
+        if self.sparsity_group_size is not None:
+            _positive("sparsity_group_size", self.sparsity_group_size)
+        gap = self.sparsity_max_gap
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
+            raise ValueError(f"sparsity_max_gap: must be an integer >= 0, got {gap!r}")
+        if self.sparsity_predictor is not None and (
+            not isinstance(self.sparsity_predictor, str) or not self.sparsity_predictor
+        ):
+            raise ValueError("sparsity_predictor: must be a file path")
+        if (self.sparsity < 1 or self.head_density < 1) and self.sparsity_predictor is None:
+            raise ValueError(
+                "sparsity: below 1 needs a predictor (--sparsity-predictor, from offramp calibrate --sparsity)"
+            )
+        if self.sparsity_predictor is not None and (self.backend != "torch" or self.weights in ("int8", "int4")):
+            raise ValueError(
+                "sparsity_predictor: sparse decode runs in the torch backend on float weights "
+                "(--weights none or bf16), not int8/int4 or exported backends"
+            )
+        if self.sparsity_predictor is not None and (self.pipeline_stages > 1 or len(self.devices or ()) > 1):
+            raise ValueError(
+                "sparsity_predictor: sparse decode runs the blocks in one process on one device, "
+                f"not over pipeline stages ({self.pipeline_stages}) or devices ({','.join(self.devices or ())})"
+            )
 
     def _check_placement(self) -> None:
         _positive("pipeline_stages", self.pipeline_stages)
@@ -311,6 +375,12 @@ def config_from_dict(raw: dict, where: str) -> EngineConfig:
         if isinstance(raw.get(key), list):
             raw[key] = tuple(raw[key])
     return EngineConfig(**raw)
+
+
+def _fraction(name: str, value: object) -> None:
+    """A density: a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name}: must be a number in (0, 1], got {value!r}")
 
 
 def _positive(name: str, value: object) -> None:

@@ -62,14 +62,19 @@ class _Renamed(argparse.Action):
 
 
 def add_config_flags(
-    parser: argparse.ArgumentParser, cls: type, *, only: tuple[str, ...] | None = None, overrides: bool = False
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    only: tuple[str, ...] | None = None,
+    overrides: bool = False,
+    skip: tuple[str, ...] = (),
 ) -> None:
     """One flag per field of ``cls``. With ``overrides`` every default is None (unset flags leave the
     ``engine.json`` value alone), as ``offramp serve`` needs."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in fields(cls):
-        if "help" not in f.metadata or (only is not None and f.name not in only):
+        if "help" not in f.metadata or (only is not None and f.name not in only) or f.name in skip:
             continue
         kind, scale = _base_type(hints[f.name]), f.metadata.get("scale", 1)
         default = None if overrides or f.default is None else f.default // scale if scale != 1 else f.default
@@ -111,15 +116,15 @@ def config_values(args: argparse.Namespace, cls: type, *, skip_unset: bool = Fal
     return values
 
 
-def engine_args(parser: argparse.ArgumentParser) -> None:
-    add_config_flags(parser, EngineConfig)
+def engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    add_config_flags(parser, EngineConfig, skip=skip)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**config_values(args, EngineConfig))
 
 
-def absolute_paths(values: dict, keys=("export_dir", "exit_head", "exit_classifier")) -> dict:
+def absolute_paths(values: dict, keys=("export_dir", "exit_head", "exit_classifier", "sparsity_predictor")) -> dict:
     """Paths for a server that runs in another directory: made absolute."""
     for key in keys:
         if values.get(key):

@@ -48,7 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print only the JSON line")
     bench.add_argument("--output", default=None, help="append the JSON line to this file and draw a PNG beside it")
     cal = sub.add_parser("calibrate", help="train low-rank exit shortcuts (one-jump and per-level) by distillation")
-    engine_args(cal)
+    engine_args(cal, skip=("sparsity",))  # --sparsity switches calibrate to the sparsity predictors
+    cal.add_argument(
+        "--sparsity",
+        dest="sparsity_mode",
+        action="store_true",
+        help="contextual sparsity instead of exits: importance criteria, neuron layout and predictors "
+        "(groups of --sparsity-group-size, default 64)",
+    )
+    cal.add_argument("--predictor-steps", type=int, default=600, help="--sparsity: training steps per predictor")
+    cal.add_argument(
+        "--sparsity-train-prompts",
+        type=int,
+        default=120,
+        help="--sparsity: most training prompts (memory: ~35 KB/token)",
+    )
     cal.add_argument("--out", required=True, help="directory for the heads (safetensors) and calibration.json")
     cal.add_argument("--one-jump-depth", type=int, default=20, help="depth the one-jump shortcut is trained at")
     cal.add_argument("--rank", type=int, default=64)
@@ -92,13 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="offline early-exit trade-off report from an offramp calibrate directory")
     ev.add_argument("--calibration", required=True, help="the directory offramp calibrate wrote")
     ev.add_argument("--output", default="docs/eval", help="directory for report.json, report.md and PNGs")
-    add_config_flags(ev, EngineConfig, only=("model", "num_threads"), overrides=True)  # override the calibrated
+    only = ("model", "num_threads", "dtype", "weights", "head_density", "sparsity_floor", "sparsity_max_gap")
+    add_config_flags(ev, EngineConfig, only=only, overrides=True)  # override the calibrated
     ev.add_argument("--thresholds", action="append", default=[], help="POLICY=T1,T2,... (replaces that policy's grid)")
     ev.add_argument("--measure", action="store_true", help="also run offramp bench: calibrated policy vs full depth")
     ev.add_argument("--repeats", type=int, default=3, help="measured pairs (calibrated, full depth); medians")
     ev.add_argument("--num-requests", type=int, default=32)
     ev.add_argument("--concurrency", type=int, default=16)
     ev.add_argument("--max-tokens", type=int, default=32)
+    ev.add_argument(
+        "--sparsity",
+        dest="sparsity_mode",  # not EngineConfig.sparsity (a density)
+        action="store_true",
+        help="contextual sparsity report from an offramp calibrate --sparsity directory: sparsity.json and "
+        "sparsity.png (speed in --dtype, default bfloat16; --no-measure-speed to skip)",
+    )
+    ev.add_argument("--no-measure-speed", dest="measure_speed", action="store_false", help="--sparsity: quality only")
 
     exp = sub.add_parser("export", help="write every block, the embedding and the heads as ONNX (TensorRT on GPUs)")
     add_config_flags(exp, EngineConfig, only=EXPORT_FIELDS)

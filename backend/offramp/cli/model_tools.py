@@ -46,6 +46,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.sparsity_mode:
+        return cmd_calibrate_sparsity(args)
     from offramp.engine.llm_engine import LLMEngine
     from offramp.tools.activations import load_calibration_rows, load_prompt_rows
     from offramp.tools.calibrate import TrainConfig, calibrate, report_json
@@ -91,7 +93,58 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_sparsity(args: argparse.Namespace) -> int:
+    from offramp.engine.llm_engine import LLMEngine
+    from offramp.tools.activations import load_calibration_rows, load_prompt_rows
+    from offramp.tools.sparsity_calibrate import SparsityTrainConfig, calibrate_sparsity
+
+    cfg = SparsityTrainConfig(
+        group_size=args.sparsity_group_size or 64, steps=args.predictor_steps, lr=2e-3, seed=args.seed
+    )
+    rows = load_prompt_rows(args.prompts_file)
+    held = [r["prompt"] for r in rows[3::4]]  # the same split as the exits' calibration
+    train = [r["prompt"] for i, r in enumerate(rows) if i % 4 != 3]
+    if args.train_prompts_file != "none":
+        train += [r["prompt"] for r in load_calibration_rows(args.train_prompts_file)]
+    if not held or not train:
+        raise ValueError("prompts-file: needs at least 4 prompts (one in four is held out)")
+    engine = LLMEngine(engine_config(args))
+    report = calibrate_sparsity(
+        engine, train[: args.sparsity_train_prompts], held, Path(args.out), cfg, args.max_tokens, sys.stderr.isatty()
+    )
+    brief = [
+        {k: p[k] for k in ("file", "spearman", "params", "flops_per_token", "step_ms")} for p in report["predictors"]
+    ]
+    print(json.dumps({"group_size": report["group_size"], "predictors": brief}))
+    return 0
+
+
+def cmd_eval_sparsity(args: argparse.Namespace) -> int:
+    from offramp.tools.sparsity_eval import SparsityEvalConfig, evaluate_sparsity, write_sparsity_report
+
+    overrides = config_values(args, EngineConfig, skip_unset=True)
+    speed = {k: overrides[k] for k in ("model", "dtype", "weights", "num_threads") if k in overrides}
+    cfg = SparsityEvalConfig(
+        Path(args.calibration),
+        Path(args.output),
+        head_density=overrides.get("head_density", 1.0),
+        floor=overrides.get("sparsity_floor", 0.0),
+        max_gap=overrides.get("sparsity_max_gap", 0),
+        measure=args.measure_speed,
+        repeats=args.repeats,
+        max_tokens=args.max_tokens,
+        speed_config=speed,
+    )
+    report = evaluate_sparsity(cfg, sys.stderr.isatty(), overrides.get("num_threads"))
+    paths = write_sparsity_report(report, cfg.output_dir)
+    print(json.dumps(report["summary"]))
+    print(f"offramp: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.sparsity_mode:
+        return cmd_eval_sparsity(args)
     from offramp.engine.llm_engine import LLMEngine
     from offramp.serving.serving_config import load_serving_config
     from offramp.tools.activations import load_activations

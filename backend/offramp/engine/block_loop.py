@@ -31,6 +31,7 @@ from offramp.engine.scheduler import ScheduledSeq
 from offramp.exits import ExitCheck, ExitHead, ExitPolicy
 from offramp.model.attention import AttentionMetadata, SeqSlice, build_metadata
 from offramp.model.decoder import ModelWeights
+from offramp.sparsity.executor import SparseExecutor
 
 
 @dataclass(slots=True)
@@ -49,6 +50,7 @@ class StepInput:
     slices: list[SeqSlice]
     token_ids: list[int]  # every item's new tokens, in item order
     choices: list[ExitChoice | None]  # None: full depth (prompt chunks, recomputation, exits off)
+    densities: list[float | None] = field(default_factory=list)  # contextual sparsity; None: dense
 
 
 @dataclass(slots=True)
@@ -120,13 +122,16 @@ class BlockLoop:
         exit_depths: set[int],
         kv_fill: str,
         head: ExitHead,
+        sparse: SparseExecutor | None = None,
     ) -> None:
         self.weights, self.backend, self.page_size = weights, backend, page_size
+        self.sparse = sparse  # contextual sparsity for decode rows (torch backend only)
         self.cos, self.sin = cos, sin
         self.exit_depths, self.kv_fill, self.head = exit_depths, kv_fill, head
         self.device = weights.embed.device  # every tensor of a step is made here
         self.pending: dict[int, list[Pending]] = {}  # seq_id -> kept tokens (recompute)
         self.stats = LoopStats()
+        self._sparse_step = False
 
     def release(self, seq_id: int) -> None:
         """Forget a sequence's kept tokens (finished, aborted, or about to be recomputed)."""
@@ -140,6 +145,9 @@ class BlockLoop:
 
     def run(self, step: StepInput) -> LoopResult:
         self._drop_recomputed(step.items)
+        self._sparse_step = self.sparse is not None and any(d is not None for d in step.densities)
+        if self._sparse_step:
+            self.sparse.begin(step.densities)
         exiting = self.exit_depths and any(c is not None for c in step.choices)
         if exiting or any(it.seq.seq_id in self.pending for it in step.items):
             return self._run_with_exits(step)
@@ -167,7 +175,11 @@ class BlockLoop:
     def _run_full(self, step: StepInput) -> LoopResult:
         parts = self.backend.micro_batches([s.num_rows for s in step.slices])
         start = time.perf_counter()
-        if len(parts) == 1:
+        if self._sparse_step:  # single process (sparsity refuses pipeline stages): block by block
+            hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
+            sizes = [s.num_rows for s in step.slices]
+            hidden = self._blocks(0, self.backend.num_blocks, hidden, meta, list(range(len(step.items))), sizes)
+        elif len(parts) == 1:
             hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
             hidden = self.backend.run_blocks(0, self.backend.num_blocks, hidden, meta)
         else:  # pipeline stages: micro-batches of items in flight across the stages
@@ -224,7 +236,7 @@ class BlockLoop:
                 walk.meta = self._meta([dataclasses.replace(step.slices[i], redo=walk.redo[i]) for i in walk.active])
             last = self._span(walk, b)
             t0 = time.perf_counter()
-            before, walk.hidden = walk.hidden, self.backend.run_blocks(b, last, walk.hidden, walk.meta)
+            before, walk.hidden = walk.hidden, self._blocks(b, last, walk.hidden, walk.meta, walk.active, walk.sizes)
             self.stats.block_s += time.perf_counter() - t0
             b, end = last, ranges[last - 1][1]
             if end in self.exit_depths:
@@ -255,6 +267,30 @@ class BlockLoop:
         ):
             last += 1
         return last
+
+    def _blocks(
+        self,
+        first: int,
+        last: int,
+        hidden: torch.Tensor,  # [rows, hidden]
+        meta: AttentionMetadata,
+        active: list[int],
+        sizes: list[int],
+    ) -> torch.Tensor:  # [rows, hidden]
+        """Blocks ``[first, last)`` on the rows of the ``active`` items (``sizes`` rows each): through the
+        sparse executor, block by block, when the step has sparse rows (an item's single decode row; an
+        item that brings recomputed rows along runs dense), else in one backend call."""
+        if not self._sparse_step:
+            return self.backend.run_blocks(first, last, hidden, meta)
+        rows, owners, end = [], [], 0
+        for i, size in zip(active, sizes):
+            end += size
+            if size == 1 and self.sparse.is_sparse(i):
+                rows.append(end - 1)
+                owners.append(i)
+        for b in range(first, last):
+            hidden = self.sparse.run_block(b, hidden, meta, rows, owners)
+        return hidden
 
     def _join(self, walk: _Walk, depth: int) -> None:
         """Kept tokens whose K/V stops at ``depth`` re-enter before their item's rows (recompute)."""

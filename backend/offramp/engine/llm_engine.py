@@ -217,6 +217,8 @@ class LLMEngine:
             )
         if params.exit_policy not in (None, "none"):
             self.runner.policy(params.exit_policy)  # a policy that cannot run is refused here (ValueError)
+        if params.sparsity is not None and params.sparsity < 1 and self.runner.sparse is None:
+            raise ValueError("sparsity: this engine has no sparsity predictor (--sparsity-predictor)")
         lossless, spec = self.spec.new_request(params, len(prompt_token_ids))  # raises if its drafts cannot run
         if session_id is not None:
             self.sessions.open(session_id, request_id)  # last check: raises if the session is busy

@@ -19,6 +19,8 @@ from offramp.engine.spec import accept_greedy, accept_sampled
 from offramp.exits import ExitHead, ExitPolicy, GatedExit, IdentityHead, LowRankHead, make_policy
 from offramp.model.attention import SeqSlice, build_metadata
 from offramp.model.decoder import ModelWeights, final_logits, rope_tables
+from offramp.sparsity.executor import SparseExecutor, SparseStats
+from offramp.sparsity.predictor import load_predictor
 
 
 @dataclass(slots=True)
@@ -49,6 +51,7 @@ class ModelRunner:
         )
         self.num_layers = weights.shape.num_layers
         self._policies: dict[str, ExitPolicy] = {}
+        self.sparse = self._sparse_executor()
         self.loop = BlockLoop(
             weights,
             backend,
@@ -58,6 +61,24 @@ class ModelRunner:
             config.exit_depths(self.num_layers),
             config.kv_fill,
             self.head,
+            self.sparse,
+        )
+
+    def _sparse_executor(self) -> SparseExecutor | None:
+        """Contextual sparsity's executor when a predictor is configured (its file is checked here)."""
+        cfg = self.config
+        if cfg.sparsity_predictor is None:
+            return None
+        pred = load_predictor(Path(cfg.sparsity_predictor), self.weights, cfg.sparsity_group_size)
+        return SparseExecutor(
+            self.weights,
+            self.backend.kv,
+            self.backend.block_ranges,
+            pred,
+            cfg.head_density,
+            cfg.sparsity_floor,
+            cfg.sparsity_batching,
+            cfg.sparsity_max_gap,
         )
 
     @property
@@ -66,6 +87,8 @@ class ModelRunner:
 
     def reset_stats(self) -> None:
         self.loop.stats = LoopStats()
+        if self.sparse is not None:
+            self.sparse.stats = SparseStats()
 
     def policy(self, name: str) -> ExitPolicy:
         """The policy called ``name`` (built once; raises ``ValueError`` if it cannot run)."""
@@ -122,7 +145,19 @@ class ModelRunner:
             start = item.seq.num_computed_tokens
             slices.append(SeqSlice(start, item.num_new_tokens, self.pages.page_table(item.seq.seq_id)))
             token_ids.extend(item.token_ids())
-        return StepInput(items, slices, token_ids, [self._exit_choice(item) for item in items])
+        choices = [self._exit_choice(item) for item in items]
+        return StepInput(items, slices, token_ids, choices, [self._density(item) for item in items])
+
+    def _density(self, item: ScheduledSeq) -> float | None:
+        """The item's FFN density if its token runs sparse: decode tokens of requests past their
+        prompt, never lossless ones (the full model verifies) nor prompt chunks."""
+        seq = item.seq
+        if self.sparse is None or item.num_new_tokens != 1 or not item.samples or seq.lossless:
+            return None
+        if seq.num_computed_tokens < seq.num_prompt_tokens or item.draft_token_ids:
+            return None
+        density = self.config.sparsity if seq.params.sparsity is None else seq.params.sparsity
+        return None if density >= 1 and self.config.head_density >= 1 else density
 
     def _exit_choice(self, item: ScheduledSeq) -> ExitChoice | None:
         """The item's policy and threshold if its token may leave early: decode tokens only, and

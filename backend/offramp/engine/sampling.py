@@ -32,6 +32,7 @@ class SamplingParams:
     exit_threshold: float | None = None  # None = the server's default
     mode: str | None = None  # None = the server's default (lossless when its ``spec`` is not none)
     spec: str | None = None  # draft source of the lossless mode; None = the server's (implies lossless)
+    sparsity: float | None = None  # share of FFN neuron groups its decode tokens compute; None = the server's
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -58,6 +59,8 @@ class SamplingParams:
             raise ValueError(f"spec: {self.spec!r} is not one of {', '.join(SPEC_SOURCES)}")
         if self.spec not in (None, "none") and self.mode == "early_exit":
             raise ValueError(f"spec: drafts ({self.spec}) are verified in mode lossless, not early_exit")
+        if self.sparsity is not None and (not _is_number(self.sparsity) or not 0 < self.sparsity <= 1):
+            raise ValueError(f"sparsity: must be a number in (0, 1], got {self.sparsity!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):

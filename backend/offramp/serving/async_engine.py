@@ -73,6 +73,7 @@ class EngineStats:
     session_pages: int = 0  # KV pages held by sessions between turns (a running turn holds its own)
     session_evictions: int = 0  # cumulative: idle sessions whose pages were dropped for memory
     prefix_shared_pages: int = 0  # KV pages held by more than one sequence or session right now
+    sparsity_density: float | None = None  # mean share of FFN groups sparse decode rows computed (cumulative)
 
 
 class AsyncEngine:
@@ -373,6 +374,9 @@ class AsyncEngine:
             session_pages=cache.num_session_pages,
             session_evictions=cache.num_session_evictions,
             prefix_shared_pages=cache.num_shared_pages,
+            sparsity_density=None
+            if self.engine.runner.sparse is None
+            else self.engine.runner.sparse.stats.mean_density,
         )
 
     def _new_tokens(self, handle: RequestHandle) -> tuple[list[int], list[int]]:

@@ -26,6 +26,7 @@ SAMPLING_KEYS = {
     "exit_threshold": float,
     "mode": str,  # "lossless": exactly the full model's output (early exits only draft), or "early_exit"
     "spec": str,  # the lossless mode's draft source: none, ngram or exit
+    "sparsity": float,  # share of FFN neuron groups its decode tokens compute, in (0, 1] (contextual sparsity)
     "min_tokens": int,  # vLLM's; only as far as ignore_eos reaches (see _apply_min_tokens)
 }
 
@@ -162,7 +163,7 @@ def _from_string(key: str, value: str, kind: type) -> int | float:
 
 def _typed(key: str, value: object) -> object:
     kind = SAMPLING_KEYS[key]
-    if value is None and key in ("seed", "exit_policy", "exit_threshold", "mode", "spec"):
+    if value is None and key in ("seed", "exit_policy", "exit_threshold", "mode", "spec", "sparsity"):
         return None
     if kind in (int, float) and isinstance(value, str):
         return _from_string(key, value, kind)

@@ -75,6 +75,11 @@ class Metrics:
         self.spec_accepted = metric(
             "offramp_spec_accepted_tokens_total", "Draft tokens the full model accepted (lossless mode)", fam.COUNTER
         )
+        self.sparsity_density = metric(
+            "offramp_sparsity_mean_density",
+            "Mean share of FFN neuron groups computed by sparse decode tokens (contextual sparsity; 1 = dense)",
+            fam.GAUGE,
+        )
         self._preemptions = 0
         self._evictions = 0
         self._spec_counts = (0, 0)  # cumulative (drafts, accepted) already counted
@@ -87,6 +92,8 @@ class Metrics:
         self.sessions.set(s.num_sessions)
         self.session_pages.set(s.session_pages)
         self.shared_pages.set(s.prefix_shared_pages)
+        if s.sparsity_density is not None:
+            self.sparsity_density.set(s.sparsity_density)
         if s.num_preemptions > self._preemptions:
             self.preemptions.increment(s.num_preemptions - self._preemptions)
             self._preemptions = s.num_preemptions

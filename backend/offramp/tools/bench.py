@@ -88,6 +88,7 @@ def run_engine(
         "exit_rate": round(sum(d < engine.num_layers for d in exits) / len(exits), 4) if exits else None,
         "layers_saved_frac": round(1 - sum(exits) / (len(exits) * engine.num_layers), 4) if exits else None,
         "check_cost_frac": round(stats.check_s / wall, 4),
+        **_sparsity_metrics(engine, wall),
         "kv_fill_cost_frac": round(stats.fill_s / wall, 4),
         "recomputed_rows": stats.recomputed_rows,
         "num_output_tokens": num_tokens,
@@ -95,6 +96,20 @@ def run_engine(
         "wall_s": round(wall, 3),
     }
     return metrics, [s.output_token_ids for s in seqs]
+
+
+def _sparsity_metrics(engine: LLMEngine, wall: float) -> dict:
+    """Contextual sparsity in the timed run: ``density`` (mean share of FFN groups the sparse decode
+    rows computed; 1.0 without sparsity) and ``predictor_cost_frac`` (predictor time / wall time)."""
+    sparse = engine.runner.sparse
+    if sparse is None or sparse.stats.mean_density is None:
+        return {"density": 1.0, "head_density": 1.0, "predictor_cost_frac": 0.0}
+    return {
+        "density": sparse.stats.mean_density,
+        "head_density": sparse.stats.mean_head_density,
+        "predictor_cost_frac": round(sparse.stats.predictor_s / wall, 4) if wall else None,
+        "ffn_runs_per_layer": sparse.stats.runs_per_layer,
+    }
 
 
 def run_hf(

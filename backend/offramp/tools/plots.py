@@ -254,3 +254,35 @@ def render_markdown(report: dict, pngs: list[str]) -> str:
         lines.append("Not measured (run `offramp eval --measure`).")
     lines += ["", *(f"![{name}]({name})" for name in pngs), ""]
     return "\n".join(lines)
+
+
+def plot_sparsity(report: dict, png: Path) -> Path:
+    """Contextual sparsity: teacher-forced agreement and perplexity ratio against FFN density, one
+    line per criterion and predictor (random selection dashed, the magnitude oracle dotted)."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(1, 2, figsize=(11, 4.5))
+    lines: dict[str, list[dict]] = {}
+    for row in report["rows"]:
+        name = "random" if row["predictor"] == "random" else f"{row['criterion']} / {row['predictor']}"
+        lines.setdefault(name, []).append(row)
+    for name, rows in lines.items():
+        rows = sorted(rows, key=lambda r: r["density"])
+        style = "--" if name == "random" else ":" if name.endswith("oracle") else "-"
+        xs = [r["density"] for r in rows]
+        top.plot(xs, [r["token_agreement"] for r in rows], style, marker="o", label=name)
+        bottom.plot(xs, [r["perplexity_ratio"] for r in rows], style, marker="o", label=name)
+    top.axhline(0.95, color="grey", lw=0.8)
+    top.axhline(0.90, color="grey", lw=0.8, ls=":")
+    top.set_ylabel("teacher-forced agreement with dense")
+    bottom.set_ylabel("perplexity ratio (sparse / dense)")
+    bottom.set_yscale("log")
+    for ax in (top, bottom):
+        ax.set_xlabel("FFN density (share of neuron groups kept)")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=8)
+    fig.suptitle(f"contextual sparsity, held out ({report['summary']['num_held_tokens']} tokens)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
