@@ -123,8 +123,11 @@ class TritonStream:
         except StopAsyncIteration:
             self._finish()
             raise OpenAIError(502, "Triton closed the stream before the final response", code="bad_gateway") from None
-        if error is not None:  # an error without a status (e.g. an unknown model)
-            self.cancel()
+        if error is not None:  # an error without a status (e.g. an unknown model): the request is over
+            # half-close rather than cancel: Triton 2.51 (24.10) can crash (signal 11) when a gRPC
+            # cancellation races the end of a request (triton-inference-server/server#8034, fixed upstream
+            # by #8078); so a call is cancelled only while its request still runs (a client gone mid-stream)
+            self._finish()
             raise OpenAIError(500, str(error.message() if isinstance(error, InferenceServerException) else error))
         delta = to_delta(result)
         if delta.final:
