@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from offramp.serving.async_engine import RequestHandle, StreamEvent
 from offramp.serving.chat import Conversations, Turn, chat_renderer, parse_turn
+from offramp.serving.events import RequestHandle, StreamEvent
 from offramp.serving.requests import RequestError
 
 

@@ -240,7 +240,8 @@ def test_close_stops_every_stage_and_heartbeat_sees_a_death(tiny_models):
 
 
 def test_served_engine_fails_requests_and_turns_fatal_when_a_stage_dies(tiny_models):
-    from offramp.serving.async_engine import AsyncEngine, RequestHandle
+    from offramp.serving.async_engine import AsyncEngine
+    from offramp.serving.events import RequestHandle
     from offramp.serving.requests import GenerateRequest, RequestError
 
     fatal, done, events = threading.Event(), threading.Event(), []

@@ -14,7 +14,8 @@ from offramp import EngineConfig
 from offramp.engine.detokenizer import IncrementalDetokenizer, first_stop
 from offramp.engine.llm_engine import LLMEngine
 from offramp.engine.sampling import SamplingParams
-from offramp.serving.async_engine import AsyncEngine, RequestHandle
+from offramp.serving.async_engine import AsyncEngine
+from offramp.serving.events import RequestHandle
 from offramp.serving.requests import GenerateRequest, RequestError, parse_request
 from offramp.serving.serving_config import load_serving_config
 

@@ -12,7 +12,8 @@ import pytest
 
 from offramp import EngineConfig, SamplingParams
 from offramp.engine.llm_engine import LLMEngine
-from offramp.serving.async_engine import AsyncEngine, RequestHandle
+from offramp.serving.async_engine import AsyncEngine
+from offramp.serving.events import RequestHandle
 from offramp.serving.requests import GenerateRequest
 
 GREEDY = SamplingParams(max_tokens=6)

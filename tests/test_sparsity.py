@@ -322,7 +322,7 @@ def test_calibrate_and_eval_sparsity_commands(tiny_models, tmp_path):
 
 
 def test_bench_fields_and_the_triton_gauge_report_density(tiny_models, tmp_path):
-    from offramp.serving.async_engine import EngineStats
+    from offramp.serving.events import EngineStats
     from offramp.serving.triton_adapter import Metrics
     from offramp.tools.bench import run_engine
     from test_serving_units import _FakePb

@@ -35,7 +35,8 @@ from offramp.engine.spec import (
 )
 from offramp.model.attention import SeqSlice
 from offramp.model.decoder import decoder_layer, final_logits
-from offramp.serving.async_engine import AsyncEngine, RequestHandle
+from offramp.serving.async_engine import AsyncEngine
+from offramp.serving.events import RequestHandle
 from offramp.serving.requests import RequestError, parse_request
 
 MAX_TOKENS = 24

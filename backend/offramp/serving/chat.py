@@ -31,7 +31,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from offramp.serving.async_engine import AsyncEngine, RequestHandle, StreamEvent
+from offramp.serving.async_engine import AsyncEngine
+from offramp.serving.events import RequestHandle, StreamEvent
 from offramp.serving.requests import GenerateRequest, RequestError, parse_request
 
 Message = dict[str, str]

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from offramp.engine.llm_engine import LLMEngine
-from offramp.serving.async_engine import AsyncEngine, EngineStats, StreamEvent
+from offramp.serving.async_engine import AsyncEngine
+from offramp.serving.events import EngineStats, StreamEvent
 from offramp.serving.requests import GenerateRequest, RequestError, parse_request
 from offramp.serving.serving_config import load_serving_config
 

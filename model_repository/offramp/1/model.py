@@ -10,7 +10,7 @@ import uuid
 
 import triton_python_backend_utils as pb_utils
 
-from offramp.serving.async_engine import RequestHandle
+from offramp.serving.events import RequestHandle
 from offramp.serving.triton_adapter import ModelAdapter
 
 
