@@ -37,6 +37,7 @@ FAST = TrainConfig(rank=8, steps=20, classifier_steps=10)
 
 
 def _engine(model, **kw) -> LLMEngine:
+    kw.setdefault("min_exit_layer", 1)  # exits at every layer of the 4-layer model
     return LLMEngine(EngineConfig(model=str(model), layers_per_block=1, page_size=4, use_chat_template=False, **kw))
 
 

@@ -76,6 +76,16 @@ def test_bench_json_and_output_files(tiny_models, tmp_path, capsys):
     assert json.loads(out.read_text()) == row
     assert out.with_suffix(".png").stat().st_size > 1000
     assert row["ignore_eos"] is False
+    assert "weight_gb_per_s" not in row and "read_gb_per_s" not in row  # concurrency 1 only
+
+
+def test_bench_at_concurrency_one_reports_weight_and_machine_bandwidth(tiny_models, capsys):
+    argv = ["bench", "--model", str(tiny_models["llama"]), "--num-requests", "2", "--concurrency", "1"]
+    assert main([*argv, "--max-tokens", "4", "--ignore-eos", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    effective = row["weight_bytes_per_token"] * row["tokens_per_s"] / 1e9
+    assert row["weight_gb_per_s"] == pytest.approx(effective, abs=0.006)
+    assert row["read_gb_per_s"] > 0.1  # a 1 GiB sum; any machine reads faster than this
 
 
 def test_bench_ignore_eos_generates_max_tokens(tiny_models, tmp_path, capsys):

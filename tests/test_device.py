@@ -35,6 +35,7 @@ def test_a_step_creates_tensors_on_the_engine_device_only(tiny_models, exits, kv
         model=str(tiny_models["llama"]),
         page_size=4,
         layers_per_block=1,
+        min_exit_layer=1,
         exit_policy=exits,
         exit_threshold=0.0 if exits == "similarity" else 0.01,
         kv_fill=kv_fill,

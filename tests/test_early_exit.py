@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from offramp import EngineConfig, SamplingParams
+from offramp.config import MIN_EXIT_FRACTION
 from offramp.engine.llm_engine import LLMEngine
 from offramp.exits import ClassifierExit, ExitCheck, IdentityHead, SimilarityExit, SoftmaxExit, make_policy
 
@@ -16,6 +17,7 @@ MAX_NEW = 16
 
 def _engine(tiny_models, **kwargs) -> LLMEngine:
     kwargs.setdefault("layers_per_block", 1)
+    kwargs.setdefault("min_exit_layer", 1)  # tokens may leave at every block end of the 4-layer model
     return LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4, **kwargs))
 
 
@@ -56,6 +58,22 @@ def test_exit_points_and_min_exit_layer_select_depths(tiny_models):
     assert later.generate([PROMPTS[1]], _leave_first_chance())[0].exit_layers == [4] + [3] * (MAX_NEW - 1)
     with pytest.raises(ValueError, match="exit_points"):
         _engine(tiny_models, layers_per_block=2, exit_points=(3,))
+
+
+def test_default_min_exit_layer_is_the_block_end_nearest_the_chosen_share_of_layers(tiny_models):
+    """Default: the block end before the last nearest 0.85 x layers (docs/early-exit.md says how it
+    was chosen); explicit exit points are not filtered by it; an explicit value wins."""
+    assert MIN_EXIT_FRACTION == 0.85
+    assert EngineConfig().min_exit_depth(30) == 26  # the default model, 2 layers per block: 25.5 -> 26
+    assert EngineConfig(layers_per_block=1).min_exit_depth(30) == 25  # 25.5: the lower on a tie
+    assert EngineConfig(layers_per_block=4).min_exit_depth(30) == 24
+    assert EngineConfig(layers_per_block=1).min_exit_depth(4) == 3
+    assert EngineConfig(layers_per_block=4).min_exit_depth(4) == 4  # one block: no exits
+    assert EngineConfig(exit_points=(10, 20)).min_exit_depth(30) == 1
+    assert EngineConfig(min_exit_layer=7).min_exit_depth(30) == 7
+    default = _engine(tiny_models, min_exit_layer=None)
+    out = default.generate([PROMPTS[1]], _leave_first_chance())[0]
+    assert out.exit_layers == [4] + [3] * (MAX_NEW - 1)  # 0.85 x 4 = 3.4 -> block end 3
 
 
 def test_per_request_policy_in_one_batch(tiny_models):

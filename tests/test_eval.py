@@ -36,6 +36,7 @@ def calibration(tiny_models, tmp_path_factory):
     ]  # prompts 3, 7, 11, 15 are held out: one per category
     prompts.write_text("\n".join(json.dumps(r) for r in rows))
     argv = ["calibrate", "--model", str(tiny_models["llama"]), "--layers-per-block", "1", "--page-size", "4", "--raw"]
+    argv += ["--min-exit-layer", "1"]
     argv += [
         "--out",
         str(root / "cal"),

@@ -69,7 +69,7 @@ def test_reexport_reuses_and_changes_redo(tiny_models, tiny_export, tmp_path):
 
 
 def _engines(model, export_dir, **kw):
-    common = dict(model=str(model), page_size=4, block_boundaries=(0, 2, 3), **kw)
+    common = dict(model=str(model), page_size=4, block_boundaries=(0, 2, 3), min_exit_layer=1, **kw)
     torch_engine = LLMEngine(EngineConfig(**common))
     ort_engine = LLMEngine(EngineConfig(backend="onnxruntime", export_dir=str(export_dir), **common))
     return torch_engine, ort_engine

@@ -63,6 +63,7 @@ def test_exits_take_the_same_decisions_on_cpu_and_cuda(tiny_models, kv_fill):
         model=str(tiny_models["llama"]),
         page_size=4,
         layers_per_block=1,
+        min_exit_layer=1,
         exit_policy="softmax",
         exit_threshold=0.2,
         kv_fill=kv_fill,
@@ -101,6 +102,7 @@ def test_devices_cuda_and_cpu_equal_one_device(tiny_models, kv_fill):
     """``--devices cuda:0,cpu``: blocks 0-1 and their K/V on the GPU, blocks 2-3 on the CPU (real
     transfers at the boundary); greedy tokens and exit depths equal the single-GPU engine's."""
     base = dict(model=str(tiny_models["llama"]), page_size=4, layers_per_block=1, num_pages=64, kv_fill=kv_fill)
+    base["min_exit_layer"] = 1
     exits = SamplingParams(max_tokens=12, exit_policy="similarity", exit_threshold=0.6)
     results = []
     for placement in ({"device": "cuda:0"}, {"devices": ("cuda:0", "cpu")}):

@@ -57,6 +57,7 @@ def _greedy(max_tokens: int = MAX_TOKENS, **kw) -> SamplingParams:
 
 def _engine(tiny_models, **kw) -> LLMEngine:
     kw.setdefault("num_pages", 256)  # small: the invariant check after each step walks every page
+    kw.setdefault("min_exit_layer", 1)
     return LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4, **kw))
 
 

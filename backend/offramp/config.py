@@ -21,6 +21,9 @@ WEIGHT_GROUP_SIZES = (32, 64, 128)
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 SPEC_SOURCES = ("none", "ngram", "exit", "easyspec")  # draft sources of the lossless mode
 SPARSITY_BATCHING = ("union", "per_row")  # a batch's sparse rows share the union of their selections, or not
+# Default first exit depth, as a share of the model's layers: on the default model (30 layers) exits
+# before it loop (docs/early-exit.md, "Choosing min_exit_layer"); the default is the block end nearest it.
+MIN_EXIT_FRACTION = 0.85
 
 
 def option(default, help: str, **meta):
@@ -106,7 +109,11 @@ class EngineConfig:
     )
     exit_threshold: float = option(0.9, "softmax: top-1 probability; similarity: cosine; classifier: probability")
     exit_points: tuple[int, ...] | None = option(None, "layer depths (block ends) where tokens may leave, e.g. 10,20")
-    min_exit_layer: int = option(1, "no token leaves before this many layers")
+    min_exit_layer: int | None = option(
+        None,
+        "no token leaves before this many layers (default: the block end nearest 0.85 x the model's layers; "
+        "with --exit-points, none)",
+    )
     kv_fill: str = option(
         "propagate", "K/V of skipped layers: propagate (approximate, now) or recompute (exact, later)", choices=KV_FILLS
     )
@@ -215,7 +222,8 @@ class EngineConfig:
             raise ValueError(f"kv_fill: {self.kv_fill!r} is not one of {', '.join(KV_FILLS)}")
         if isinstance(self.exit_threshold, bool) or not isinstance(self.exit_threshold, (int, float)):
             raise ValueError(f"exit_threshold: must be a number, got {self.exit_threshold!r}")
-        _positive("min_exit_layer", self.min_exit_layer)
+        if self.min_exit_layer is not None:
+            _positive("min_exit_layer", self.min_exit_layer)
         _positive("max_sessions", self.max_sessions)
         if not isinstance(self.enable_prefix_sharing, bool):
             raise ValueError(f"enable_prefix_sharing: must be true or false, got {self.enable_prefix_sharing!r}")
@@ -338,7 +346,18 @@ class EngineConfig:
             if missing:
                 raise ValueError(f"exit_points: {missing} are not block ends ({sorted(ends)})")
             ends = set(self.exit_points)
-        return {d for d in ends if self.min_exit_layer <= d < num_layers}
+        return {d for d in ends if self.min_exit_depth(num_layers) <= d < num_layers}
+
+    def min_exit_depth(self, num_layers: int) -> int:
+        """``min_exit_layer``, or its default: no bound under explicit ``exit_points``, else the block end
+        (before the last) nearest ``MIN_EXIT_FRACTION`` of the layers (the lower one on a tie)."""
+        if self.min_exit_layer is not None:
+            return self.min_exit_layer
+        if self.exit_points is not None:
+            return 1
+        ends = [end for _, end in self.block_ranges(num_layers) if end < num_layers]
+        target = MIN_EXIT_FRACTION * num_layers
+        return min(ends, key=lambda end: (abs(end - target), end), default=num_layers)
 
     def block_ranges(self, num_layers: int) -> list[tuple[int, int]]:
         """Half-open layer ranges ``[start, end)`` of each block."""

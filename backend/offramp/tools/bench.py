@@ -226,7 +226,7 @@ def bench(
         "num_threads": torch.get_num_threads(),
         "exit_policy": cfg.exit_policy,
         "exit_threshold": cfg.exit_threshold if cfg.exit_policy != "none" else None,
-        "min_exit_layer": cfg.min_exit_layer,
+        "min_exit_layer": cfg.min_exit_depth(engine.num_layers),
         "kv_fill": cfg.kv_fill,
         "exit_head": engine.runner.head.name,
         "exit_gate": cfg.exit_gate if cfg.exit_policy == "softmax" else None,
@@ -251,7 +251,23 @@ def bench(
             result.update(_hf_spec(engine, prompt_ids, max_tokens, progress))
     if compare_llamacpp:
         result.update(_llamacpp(engine, prompt_ids, max_tokens, ignore_eos, result["tokens_per_s"]))
+    if concurrency == 1 and engine.device.type == "cpu":  # each token reads every weight once
+        result["weight_gb_per_s"] = round(result["weight_bytes_per_token"] * result["tokens_per_s"] / 1e9, 2)
+        result["read_gb_per_s"] = read_bandwidth_gb_per_s()
     return result
+
+
+def read_bandwidth_gb_per_s(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """The machine's read bandwidth as torch sees it on the current threads: the median time of a
+    sum over a ``size_bytes`` float32 tensor (too large for any cache), in GB/s."""
+    data = torch.ones(size_bytes // 4)  # [n] float32
+    data.sum()  # pages touched before timing
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return round(size_bytes / statistics.median(times) / 1e9, 2)
 
 
 HF_SPEC = {  # our draft source -> HF generate's own form of it (batch size 1 only in HF)

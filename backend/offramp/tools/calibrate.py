@@ -286,8 +286,8 @@ def engine_json(engine: LLMEngine, chosen: dict, head_path: Path | None, classif
     raw["exit_head"] = str(head_path.resolve()) if head_path is not None else None
     if chosen["threshold"] is not None:
         raw["exit_threshold"] = chosen["threshold"]
-    if chosen.get("min_exit_layer") is not None:  # exit depths from there on only (one of the config's)
-        raw["min_exit_layer"] = chosen["min_exit_layer"]
+    # exit depths from the chosen one on (one of the config's), else from the config's own first one
+    raw["min_exit_layer"] = chosen.get("min_exit_layer") or engine.config.min_exit_depth(engine.num_layers)
     raw = {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items() if v is not None}
     server = {f.name: f.default for f in dataclasses.fields(ServingConfig) if f.name in server_keys()}
     return raw | server
