@@ -495,3 +495,23 @@ def test_adapter_sets_every_gauge_at_load_and_maps_error_codes(tiny_models, tmp_
         assert codes == {"invalid": "INVALID_ARG", "unavailable": "UNAVAILABLE", "internal": "INTERNAL"}
     finally:
         adapter.stop()
+
+
+def test_serve_picks_the_fast_format_for_the_default_model_only(tmp_path, capsys):
+    from pathlib import Path
+
+    from offramp.serving.serve import FAST_FORMAT, fast_format
+
+    repo = Path(__file__).resolve().parents[1] / "model_repository"  # its engine.json names the default model
+    assert fast_format(repo, {}) == FAST_FORMAT == {"dtype": "bfloat16", "weights": "int4"}
+    assert "int4 weights" in capsys.readouterr().err  # says so, and how to get float32
+    assert fast_format(repo, {"model": "default", "kv_budget_bytes": 1 << 20}) == FAST_FORMAT
+    for chosen in ({"dtype": "float32"}, {"weights": "none"}, {"backend": "onnxruntime"}, {"device": "cuda"}):
+        assert fast_format(repo, chosen) == {}, chosen  # the command line chose: it is kept
+    assert fast_format(repo, {"model": str(tmp_path)}) == {}  # another model: its own format
+    other = tmp_path / "repo" / "offramp" / "1"
+    other.mkdir(parents=True)
+    (other / "engine.json").write_text(json.dumps({"model": "/models/mine"}))
+    assert fast_format(tmp_path / "repo", {}) == {}
+    # The format it picks is one the engine accepts.
+    EngineConfig(**FAST_FORMAT)
