@@ -59,6 +59,7 @@ def _fixed_scores(weights) -> torch.Tensor:  # [layers, heads + groups], distinc
 
 
 def _engine(tiny_models, **kw) -> LLMEngine:
+    kw.setdefault("min_exit_layer", 1)
     return LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4, num_pages=128, **kw))
 
 
@@ -311,7 +312,7 @@ def test_calibrate_and_eval_sparsity_commands(tiny_models, tmp_path):
     assert {"agreement_95", "agreement_90", "comparisons", "num_held_tokens"} <= report["summary"].keys()
     kinds = {(r["criterion"], r["predictor"]) for r in report["rows"]}
     assert ("random", "random") in kinds and ("magnitude", "oracle") in kinds and len(kinds) == 6
-    assert {r["density"] for r in report["rows"]} == {1.0, 0.8, 0.6, 0.5, 0.4, 0.3}
+    assert {r["density"] for r in report["rows"]} == {1.0, 0.95, 0.9, 0.8, 0.6, 0.5, 0.4, 0.3}
     assert {r["density_used"] for r in report["rows"] if r["density"] == 0.5} == {0.5}  # 4 of 8 groups
     assert (out / "sparsity.png").stat().st_size > 0
     speed = ["eval", "--sparsity", "--calibration", str(cal), "--output", str(tmp_path / "speed"), "--repeats", "1"]
@@ -319,6 +320,26 @@ def test_calibrate_and_eval_sparsity_commands(tiny_models, tmp_path):
     measured = json.loads((tmp_path / "speed" / "sparsity.json").read_text())["summary"]["speed_at_reference_density"]
     assert measured["density"] == 0.5 and measured["c1"]["speedup"] > 0 and measured["c16"]["faster_batching"]
     assert measured["c1"]["density_used"] == 0.5
+
+
+def test_crossing_density_interpolates_between_the_measured_points():
+    from offramp.tools.sparsity_eval import crossing_density, not_reached
+
+    curve = {"0.95": 0.97, "0.9": 0.93, "0.8": 0.71}
+    assert crossing_density(curve, 0.95) == pytest.approx(0.925)  # between 0.95 (0.97) and 0.9 (0.93)
+    assert crossing_density(curve, 0.90) == pytest.approx(0.886, abs=1e-3)  # 0.8 + 0.19/0.22 * 0.1
+    assert crossing_density({"0.8": 0.5}, 0.95) == pytest.approx(0.98)  # from dense (1.0, 1.0)
+    assert crossing_density({"0.5": 0.96}, 0.95) is None  # never falls below within the measured densities
+    rows = [
+        {"predictor": p, "density": d, "token_agreement": a}
+        for p, d, a in [("unified", 0.9, 0.8), ("per_layer", 0.9, 0.85), ("oracle", 0.9, 0.92), ("random", 0.9, 0.1)]
+    ]
+    out = not_reached(rows, 0.95)
+    assert out["agreement_by_density"] == {"best_predictor": {"0.9": 0.85}, "oracle": {"0.9": 0.92}}
+    assert out["crosses_target_at_density"] == {
+        "best_predictor": pytest.approx(0.967, abs=1e-3),
+        "oracle": pytest.approx(0.9375, abs=1e-3),
+    }
 
 
 def test_bench_fields_and_the_triton_gauge_report_density(tiny_models, tmp_path):

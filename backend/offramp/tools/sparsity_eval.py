@@ -38,7 +38,7 @@ from offramp.sparsity.selectors import OracleSelector, PredictedSelector, Random
 from offramp.tools.bench import bench_prompt_ids, load_prompts, run_engine
 from offramp.tools.sparsity_calibrate import FILES, predictor_file
 
-DENSITIES = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3)
+DENSITIES = (1.0, 0.95, 0.9, 0.8, 0.6, 0.5, 0.4, 0.3)  # 0.95 and 0.9: where the curves cross the targets
 TARGETS = (0.95, 0.90)
 REFERENCE_DENSITY = 0.5  # speed is also measured here, with the best trained predictor, whatever its quality
 
@@ -150,7 +150,22 @@ def not_reached(rows: list[dict], target: float) -> dict:
             name = "oracle" if r["predictor"] == "oracle" else "best_predictor"
             best = curve.setdefault(name, {})
             best[str(r["density"])] = max(best.get(str(r["density"]), 0.0), r["token_agreement"])
-    return {"target": target, "agreement_by_density": curve}
+    crossing = {name: crossing_density(points, target) for name, points in curve.items()}
+    return {"target": target, "agreement_by_density": curve, "crosses_target_at_density": crossing}
+
+
+def crossing_density(agreement_by_density: dict[str, float], target: float) -> float | None:
+    """The density at which agreement falls to ``target``, interpolated linearly between the lowest
+    measured density still keeping it (density 1.0, dense, keeps 1.0) and the next one below; None
+    when even the lowest measured density keeps it."""
+    points = sorted(((float(d), a) for d, a in agreement_by_density.items()), reverse=True)
+    above = (1.0, 1.0)
+    for density, agreement in points:
+        if agreement < target:
+            (d1, a1), (d0, a0) = above, (density, agreement)
+            return round(d0 + (target - a0) * (d1 - d0) / (a1 - a0), 3)
+        above = (density, agreement)
+    return None
 
 
 def _tokens_per_s(engine: LLMEngine, prompt_ids, concurrency: int, max_tokens: int, sparsity: float | None):
