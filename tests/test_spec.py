@@ -30,6 +30,7 @@ from offramp.engine.spec import (
     SpecState,
     accept_greedy,
     accept_sampled,
+    expected_tokens,
     resolve_spec,
     verify_costs,
 )
@@ -392,11 +393,26 @@ def test_draft_length_cost_model():
     assert state.pause == 10  # a retry that does not pay waits twice as long
 
 
+def test_drafts_are_weighed_against_the_whole_step_of_a_batch():
+    lengths = DraftLength(verify_costs("bfloat16", "int4", None, 8), retry_steps=5)
+    for k in range(1, 9):  # one sequence: tokens over the step's cost, as before
+        assert lengths.gain(0.5, k, 0.0) == pytest.approx(expected_tokens(0.5, k) / lengths.costs[k])
+    assert lengths.step_time(9) == lengths.costs[8] and lengths.step_time(12) > lengths.step_time(9)
+    # 16 sequences: one accepted token is 1/16 more tokens, so a draft must cost < 1/16 of the step.
+    b16 = lengths.gain(0.5, 1, 0.0, batch=16)
+    assert b16 == pytest.approx((15 + 1.5) / 16 / (lengths.step_time(17) / lengths.step_time(16)))
+    assert lengths.best(0.36, 0.0, batch=16)[1] < 1.0 < lengths.best(0.36, 0.0)[1]  # pays alone, not in a batch
+    state = lengths.new_state("ngram", 100, 0.0)
+    lengths.record(state, 2, 1, batch=16)
+    assert state.pause > 0  # int4 in a full batch: decode plainly for a while
+
+
 def test_verify_costs_measured_extended_or_linear():
     measured = verify_costs("bfloat16", "bf16", None, 10)
     assert measured[:9] == VERIFY_STEP_COST[("bfloat16", "none")] and measured[10] > measured[8]
     assert verify_costs("float32", "none", 0.1, 3) == pytest.approx((1.0, 1.1, 1.2, 1.3))
-    assert verify_costs("bfloat16", "int4", None, 2) == pytest.approx((1.0, 1.3, 1.6))
+    assert verify_costs("bfloat16", "int4", None, 2) == VERIFY_STEP_COST[("bfloat16", "int4")][:3]
+    assert verify_costs("bfloat16", "int4", 0.3, 2) == pytest.approx((1.0, 1.3, 1.6))  # a given row cost wins
     floats = DraftLength(verify_costs("float32", "none", None, 8), retry_steps=5)
     assert floats.best(0.6, 0.0)[0] >= 3  # 2-3 row products are slow in float32: longer drafts pay
 

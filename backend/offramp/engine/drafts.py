@@ -232,11 +232,12 @@ class Speculator:
 
     def record(self, batch: SchedulerOutput, num_accepted: list[int]) -> None:
         """After verification: count each sequence's drafts and acceptances and adapt its length."""
+        size = len(batch.scheduled)  # sequences sharing the step: what an extra row is weighed against
         for item, accepted in zip(batch.scheduled, num_accepted):
             state: SpecState | None = item.seq.spec
             if state is None:
                 continue
             if item.draft_token_ids:
-                self.lengths.record(state, len(item.draft_token_ids), accepted)
+                self.lengths.record(state, len(item.draft_token_ids), accepted, size)
             elif state.pause:
                 self.lengths.tick(state)

@@ -23,6 +23,10 @@ the expected speed of a draft length k relative to plain decoding:
 
     gain(k) = (1 + alpha + ... + alpha^k) / (verify_cost(k) + k * draft_cost)
 
+In a step shared by B sequences the same k drafts are weighed against the whole step: its tokens grow
+by (B - 1 + E_k) / B and its time by (T(B + k) + k * draft_cost) / T(B), with T(n) the cost of n rows
+read from the same table (n = 1 + k, extended by its mean slope); B = 1 is the formula above.
+
 ``verify_cost(k)``: a verification step with k drafts relative to a plain decode step, measured on
 the default model for the dtype and weight format (``VERIFY_STEP_COST``; linear ``1 + c * k`` with
 ``spec_verify_row_cost`` = c). It is not linear: float32 products with 2-3 rows take a slow kernel
@@ -47,8 +51,11 @@ import torch
 VERIFY_STEP_COST = {
     ("float32", "none"): (1.0, 1.82, 2.19, 1.55, 1.51, 1.66, 1.80, 1.75, 1.70),
     ("bfloat16", "none"): (1.0, 1.06, 1.09, 1.10, 1.14, 1.16, 1.18, 1.19, 1.20),
+    # perf/verify_cost.py (48 steps per k): torch's int4/int8 kernels jump at 4 rows
+    ("bfloat16", "int4"): (1.0, 1.07, 1.09, 1.20, 1.66, 1.77, 1.78, 1.96, 2.55),
+    ("bfloat16", "int8"): (1.0, 1.13, 1.15, 1.26, 1.84, 1.97, 2.02, 2.03, 2.32),
 }
-# Not measured as steps: per extra row, from the matrix-product timings of 1 and 16 rows (DESIGN.md 4).
+# Formats without a measured table (e.g. on a GPU): per extra row, linear.
 VERIFY_ROW_COST = {("bfloat16", "int8"): 0.1, ("bfloat16", "int4"): 0.3}
 PRIOR_ACCEPTANCE = 0.5  # before any evidence: one accepted token and one rejection
 
@@ -127,17 +134,30 @@ class DraftLength:
         start = self.best(PRIOR_ACCEPTANCE, draft_cost)[0] if self.adaptive else self.max_draft
         return SpecState(source, limit, draft_cost, start)
 
-    def gain(self, alpha: float, k: int, draft_cost: float) -> float:
-        """Expected speed of k drafts relative to plain decoding."""
-        return expected_tokens(alpha, k) / (self.costs[k] + k * draft_cost)
+    def step_time(self, rows: int) -> float:
+        """A step of ``rows`` rows relative to one row (the table read as rows = 1 + k, extended by its
+        mean slope)."""
+        if rows - 1 < len(self.costs):
+            return self.costs[rows - 1]
+        slope = (self.costs[-1] - 1.0) / max(1, len(self.costs) - 1)
+        return self.costs[-1] + slope * (rows - len(self.costs))
 
-    def best(self, alpha: float, draft_cost: float) -> tuple[int, float]:
+    def gain(self, alpha: float, k: int, draft_cost: float, batch: int = 1) -> float:
+        """Expected speed of the step when one of its ``batch`` sequences adds k drafts, relative to the
+        step without them: its tokens grow by (batch + accepted) / batch, its time by
+        (T(batch + k) + the draft passes) / T(batch) (one sequence: (1 + accepted) / cost(k))."""
+        tokens = (batch - 1 + expected_tokens(alpha, k)) / batch
+        time = (self.step_time(batch + k) + k * draft_cost) / self.step_time(batch)
+        return tokens / time
+
+    def best(self, alpha: float, draft_cost: float, batch: int = 1) -> tuple[int, float]:
         """The draft length with the best gain, and that gain."""
-        gain, k = max((self.gain(alpha, k, draft_cost), k) for k in range(1, self.max_draft + 1))
+        gain, k = max((self.gain(alpha, k, draft_cost, batch), k) for k in range(1, self.max_draft + 1))
         return k, gain
 
-    def record(self, state: SpecState, num_drafted: int, num_accepted: int) -> None:
-        """A verification of ``num_drafted`` drafts accepted ``num_accepted``: count it and adapt."""
+    def record(self, state: SpecState, num_drafted: int, num_accepted: int, batch: int = 1) -> None:
+        """A verification of ``num_drafted`` drafts accepted ``num_accepted`` in a step of ``batch``
+        sequences: count it and adapt."""
         state.num_verifications += 1
         state.num_draft_tokens += num_drafted
         state.num_accepted_tokens += num_accepted
@@ -145,7 +165,7 @@ class DraftLength:
             return
         state.accepted_ema = self.decay * state.accepted_ema + num_accepted
         state.rejected_ema = self.decay * state.rejected_ema + (num_accepted < num_drafted)
-        k, gain = self.best(state.acceptance, state.draft_cost)
+        k, gain = self.best(state.acceptance, state.draft_cost, batch)
         if gain < 1.0:  # drafting does not pay now: decode plainly for a while, then retry small
             state.pause, k = self.retry_steps << min(state.num_pauses, 4), 1
             state.num_pauses += 1
