@@ -10,6 +10,9 @@ import logging
 import re
 from dataclasses import dataclass, field, fields
 
+from offramp import config_layout
+from offramp.config_layout import MIN_EXIT_FRACTION
+
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 EXIT_POLICIES = ("none", "softmax", "similarity", "classifier")
@@ -21,9 +24,6 @@ WEIGHT_GROUP_SIZES = (32, 64, 128)
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 SPEC_SOURCES = ("none", "ngram", "exit", "easyspec")  # draft sources of the lossless mode
 SPARSITY_BATCHING = ("union", "per_row")  # a batch's sparse rows share the union of their selections, or not
-# Default first exit depth, as a share of the model's layers: on the default model (30 layers) exits
-# before it loop (docs/early-exit.md, "Choosing min_exit_layer"); the default is the block end nearest it.
-MIN_EXIT_FRACTION = 0.85
 
 
 def option(default, help: str, **meta):
@@ -111,7 +111,7 @@ class EngineConfig:
     exit_points: tuple[int, ...] | None = option(None, "layer depths (block ends) where tokens may leave, e.g. 10,20")
     min_exit_layer: int | None = option(
         None,
-        "no token leaves before this many layers (default: the block end nearest 0.85 x the model's layers; "
+        f"no token leaves before this many layers (default: the block end nearest {MIN_EXIT_FRACTION} x the model's layers; "
         "with --exit-points, none)",
     )
     kv_fill: str = option(
@@ -339,36 +339,13 @@ class EngineConfig:
             raise ValueError(f"weights: {self.weights} runs on the CPU kernels only so far; use --device cpu")
 
     def exit_depths(self, num_layers: int) -> set[int]:
-        """Depths (layers run) after which a token may leave: block ends, filtered by the config."""
-        ends = {end for _, end in self.block_ranges(num_layers)}
-        if self.exit_points is not None:
-            missing = [p for p in self.exit_points if p not in ends]
-            if missing:
-                raise ValueError(f"exit_points: {missing} are not block ends ({sorted(ends)})")
-            ends = set(self.exit_points)
-        return {d for d in ends if self.min_exit_depth(num_layers) <= d < num_layers}
+        return config_layout.exit_depths(self, num_layers)
 
     def min_exit_depth(self, num_layers: int) -> int:
-        """``min_exit_layer``, or its default: no bound under explicit ``exit_points``, else the block end
-        (before the last) nearest ``MIN_EXIT_FRACTION`` of the layers (the lower one on a tie)."""
-        if self.min_exit_layer is not None:
-            return self.min_exit_layer
-        if self.exit_points is not None:
-            return 1
-        ends = [end for _, end in self.block_ranges(num_layers) if end < num_layers]
-        target = MIN_EXIT_FRACTION * num_layers
-        return min(ends, key=lambda end: (abs(end - target), end), default=num_layers)
+        return config_layout.min_exit_depth(self, num_layers)
 
     def block_ranges(self, num_layers: int) -> list[tuple[int, int]]:
-        """Half-open layer ranges ``[start, end)`` of each block."""
-        if self.block_boundaries is None:
-            starts = list(range(0, num_layers, self.layers_per_block))
-        else:
-            starts = list(self.block_boundaries)
-            if starts[-1] >= num_layers:
-                raise ValueError(f"block_boundaries: {starts[-1]} is not a layer of this {num_layers}-layer model")
-        ends = starts[1:] + [num_layers]
-        return list(zip(starts, ends))
+        return config_layout.block_ranges(self, num_layers)
 
 
 def upgrade_renamed(raw: dict, where: str) -> dict:
