@@ -126,17 +126,12 @@ def server_env(paths: ServerPaths, overrides: dict) -> dict[str, str]:
 
 
 def wait_ready(proc: subprocess.Popen, http: int, timeout: float) -> None:
-    url = f"http://127.0.0.1:{http}/v2/health/ready"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"tritonserver exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        if _is_ready(http):
+            return
         time.sleep(0.5)
     raise RuntimeError(f"tritonserver was not ready after {timeout:.0f} s")
 
