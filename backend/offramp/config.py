@@ -102,6 +102,11 @@ class EngineConfig:
     max_model_len: int | None = option(None, "context length (default: the model's)")
     max_tokens_limit: int = option(4096, "largest max_tokens a request may ask for")
     num_threads: int | None = option(None, "torch intra-op threads (default: torch's choice)")
+    fused_decode: bool = option(
+        True,
+        "torch backend, CPU, bfloat16: decode steps run the small ops between the matrix products as fused C++ "
+        "kernels (compiled once on first use; eager where no compiler is found)",
+    )
     use_chat_template: bool = option(True, "wrap prompts in the tokenizer's chat template (--raw: send raw text)")
     seed: int = option(0, "seed of the random streams of requests that name no seed of their own")
     exit_policy: str = option(

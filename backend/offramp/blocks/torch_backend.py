@@ -5,15 +5,34 @@ from __future__ import annotations
 import torch
 
 from offramp.blocks.base import BlockBackend
+from offramp.model import fused as fused_ops
 from offramp.model.attention import AttentionMetadata
-from offramp.model.decoder import decoder_layer
+from offramp.model.decoder import ModelWeights, decoder_layer
+from offramp.model.kv_store import KVStore
 
 
 class TorchBackend(BlockBackend):
-    """The PyTorch reference implementation; every other backend is checked against it."""
+    """The PyTorch reference implementation; every other backend is checked against it.
+
+    With ``fused`` (and bfloat16 activations on the CPU), steps whose rows are all decodes run the
+    small ops between the matrix products as fused kernels (``model.fused``); the rest runs eager.
+    """
+
+    def __init__(
+        self, weights: ModelWeights, kv: KVStore, block_ranges: list[tuple[int, int]], fused: bool = False
+    ) -> None:
+        super().__init__(weights, kv, block_ranges)
+        on_cpu = all(t.device.type == "cpu" for t in kv.k if t.numel())
+        wants = fused and kv.dtype == torch.bfloat16 and on_cpu and not kv.head_major
+        self.fused = fused_ops.kernels() if wants else None
 
     def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         start, end = self.block_ranges[block_idx]
+        if self.fused is not None and fused_ops.can_fuse(hidden, meta):
+            w = self.weights
+            return fused_ops.decode_layers(
+                self.fused, w.layers[start:end], hidden, meta, self.kv.k[start:end], self.kv.v[start:end], w.shape
+            )
         for layer in range(start, end):
             hidden = decoder_layer(
                 self.weights.layers[layer], hidden, meta, self.kv.k[layer], self.kv.v[layer], self.weights.shape

@@ -1,0 +1,275 @@
+// Fused CPU kernels for bfloat16 decode rows (one new token per sequence), compiled on first use
+// by offramp/model/fused.py. Each function does in one call what decoder.py does in several small
+// eager ops between the matrix products, rounding to bfloat16 at the same points, so the outputs
+// match the eager path up to the order of float32 sums.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+inline float to_f(bf16 v) { return static_cast<float>(v); }
+inline float round_bf16(float v) { return static_cast<float>(bf16(v)); }
+
+// bfloat16 bits -> float32, written so that loops over it vectorise
+inline float bits_to_f(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+void check_bf16(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), name,
+              ": expected a contiguous bfloat16 CPU tensor");
+}
+
+// out = w * bf16(x * rsqrt(mean(x^2) + eps)), as decoder.rms_norm computes it for bfloat16 x.
+void norm_row(const bf16* x, const bf16* w, bf16* out, int64_t n, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = to_f(x[i]);
+    ss += v * v;
+  }
+  float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16(to_f(w[i]) * round_bf16(to_f(x[i]) * inv));
+}
+
+}  // namespace
+
+// x: [n, hidden] bfloat16 -> rms_norm(x) [n, hidden]
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_bf16(x, "x");
+  check_bf16(weight, "weight");
+  auto out = at::empty_like(x);
+  const int64_t n = x.size(0), h = x.size(1);
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = weight.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  for (int64_t r = 0; r < n; ++r) norm_row(xp + r * h, wp, op + r * h, h, static_cast<float>(eps));
+  return out;
+}
+
+// s = x + y (rounded to bfloat16, as the eager residual add), and rms_norm(s): two [n, hidden] tensors
+std::vector<at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight, double eps) {
+  check_bf16(x, "x");
+  check_bf16(y, "y");
+  check_bf16(weight, "weight");
+  TORCH_CHECK(x.sizes() == y.sizes(), "x and y differ in shape");
+  auto sum = at::empty_like(x);
+  auto out = at::empty_like(x);
+  const int64_t n = x.size(0), h = x.size(1);
+  const bf16 *xp = x.data_ptr<bf16>(), *yp = y.data_ptr<bf16>(), *wp = weight.data_ptr<bf16>();
+  bf16 *sp = sum.data_ptr<bf16>(), *op = out.data_ptr<bf16>();
+  for (int64_t i = 0; i < n * h; ++i) sp[i] = bf16(to_f(xp[i]) + to_f(yp[i]));
+  for (int64_t r = 0; r < n; ++r) norm_row(sp + r * h, wp, op + r * h, h, static_cast<float>(eps));
+  return {sum, out};
+}
+
+// gate_up: [n, 2 * inter] (gate then up) -> silu(gate) * up: [n, inter], with ATen's own kernels (the
+// eager ops, vectorised; one call from here instead of three from Python)
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_bf16(gate_up, "gate_up");
+  const int64_t inter = gate_up.size(1) / 2;
+  return at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
+}
+
+// One decode row per sequence: RoPE on its q and k heads, its K/V written to the paged store at
+// slots[r], then attention of its q over the sequence's first lens[r] positions.
+//   qkv:   [n, (nh + 2 nkv) * hd] bfloat16 (q heads, k heads, v heads)
+//   cos, sin: [n, hd] bfloat16 (sin signed: rotate_half(x) * sin == roll(x, hd / 2) * signed_sin)
+//   k_store, v_store: [slots, nkv, hd] bfloat16
+//   slots: [n] long; pages: [n, max_pages] long; lens: [n] long (context length including the new token)
+// Returns [n, nh * hd] bfloat16.
+at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_store,
+                       at::Tensor v_store, const at::Tensor& slots, const at::Tensor& pages, const at::Tensor& lens,
+                       int64_t nh, int64_t nkv, int64_t hd, int64_t page_size) {
+  check_bf16(qkv, "qkv");
+  check_bf16(cos, "cos");
+  check_bf16(sin, "sin");
+  check_bf16(k_store, "k_store");
+  check_bf16(v_store, "v_store");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && pages.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
+              "slots, pages and lens must be long tensors");
+  TORCH_CHECK(hd % 2 == 0 && nh % nkv == 0, "head_dim must be even and heads a multiple of kv heads");
+  TORCH_CHECK(page_size > 0 && (page_size & (page_size - 1)) == 0, "page_size must be a power of two");
+  int64_t page_shift = 0;
+  while ((int64_t{1} << page_shift) < page_size) ++page_shift;
+  auto pages_c = pages.contiguous();
+  const int64_t n = qkv.size(0), width = qkv.size(1), max_pages = pages_c.size(1), half = hd / 2;
+  TORCH_CHECK(width == (nh + 2 * nkv) * hd, "qkv width does not match the head counts");
+  const bf16 *qp = qkv.data_ptr<bf16>(), *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
+  bf16 *kp = k_store.data_ptr<bf16>(), *vp = v_store.data_ptr<bf16>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* page = pages_c.data_ptr<int64_t>();
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const int64_t kv_row = nkv * hd;  // elements per slot
+  const int64_t num_slots = k_store.size(0);
+  for (int64_t r = 0; r < n; ++r) {
+    TORCH_CHECK(slot[r] >= 0 && slot[r] < num_slots, "slot outside the KV store");
+    TORCH_CHECK(len[r] >= 1 && (len[r] + page_size - 1) / page_size <= max_pages, "context longer than its page table");
+    for (int64_t i = 0; i < (len[r] + page_size - 1) / page_size; ++i)
+      TORCH_CHECK(page[r * max_pages + i] >= 0 && (page[r * max_pages + i] + 1) * page_size <= num_slots,
+                  "page outside the KV store");
+  }
+  // RoPE'd q (float32, [n, nh, hd]); RoPE'd k and raw v go to the store
+  std::vector<float> q(n * nh * hd);
+  at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const bf16* row = qp + r * width;
+      const bf16 *c = cp + r * hd, *s = sp + r * hd;
+      for (int64_t head = 0; head < nh + nkv; ++head) {
+        const bf16* x = row + head * hd;
+        float* qdst = head < nh ? q.data() + (r * nh + head) * hd : nullptr;
+        bf16* kdst = head < nh ? nullptr : kp + slot[r] * kv_row + (head - nh) * hd;
+        for (int64_t d = 0; d < hd; ++d) {
+          float a = round_bf16(to_f(x[d]) * to_f(c[d]));
+          float b = round_bf16(to_f(x[(d + half) % hd]) * to_f(s[d]));
+          bf16 v = bf16(a + b);
+          if (qdst) qdst[d] = to_f(v);
+          else kdst[d] = v;
+        }
+      }
+      std::memcpy(vp + slot[r] * kv_row, row + (nh + nkv) * hd, kv_row * sizeof(bf16));
+    }
+  });
+  auto out = at::empty({n, nh * hd}, qkv.options());
+  bf16* op = out.data_ptr<bf16>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const int64_t group = nh / nkv;  // query heads per kv head (head h reads kv head h / group)
+  const uint16_t* kbits = reinterpret_cast<const uint16_t*>(kp);
+  const uint16_t* vbits = reinterpret_cast<const uint16_t*>(vp);
+  at::parallel_for(0, n * nkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score, row(hd), acc(group * hd);
+    float* f = row.data();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / nkv, kvh = item % nkv, ctx = len[r];
+      const float* qg = q.data() + (r * nh + kvh * group) * hd;  // [group, hd]
+      const int64_t* table = page + r * max_pages;
+      // slot of position p; page_size is a power of two (checked), so no division per position
+      auto slot_of = [&](int64_t p) { return table[p >> page_shift] * page_size + (p & (page_size - 1)); };
+      score.resize(group * ctx);
+      for (int64_t p = 0; p < ctx; ++p) {
+        const uint16_t* k = kbits + slot_of(p) * kv_row + kvh * hd;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) f[d] = bits_to_f(k[d]);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qv = qg + g * hd;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < hd; ++d) dot += qv[d] * f[d];
+          score[g * ctx + p] = dot * scale;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sc = score.data() + g * ctx;
+        float mx = -INFINITY, total = 0.f;
+        for (int64_t p = 0; p < ctx; ++p) mx = std::max(mx, sc[p]);
+        for (int64_t p = 0; p < ctx; ++p) {
+          sc[p] = std::exp(sc[p] - mx);
+          total += sc[p];
+        }
+        const float inv = 1.f / total;
+        for (int64_t p = 0; p < ctx; ++p) sc[p] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t p = 0; p < ctx; ++p) {
+        const uint16_t* v = vbits + slot_of(p) * kv_row + kvh * hd;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) f[d] = bits_to_f(v[d]);
+        for (int64_t g = 0; g < group; ++g) {
+          float* a = acc.data() + g * hd;
+          const float w = score[g * ctx + p];
+#pragma omp simd
+          for (int64_t d = 0; d < hd; ++d) a[d] += w * f[d];
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        bf16* dst = op + r * nh * hd + (kvh * group + g) * hd;
+        for (int64_t d = 0; d < hd; ++d) dst[d] = bf16(acc[g * hd + d]);
+      }
+    }
+  });
+  return out;
+}
+
+// One row's dot products with four int8 weight rows at once (four independent accumulators, the
+// activation loaded once): returns the four sums in acc.
+inline void dot4_int8(const float* x, const int8_t* w0, int64_t ldw, int64_t k, float* acc) {
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + j);
+    auto wv = [&](int64_t r) {
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w0 + r * ldw + j))));
+    };
+    a0 = _mm512_fmadd_ps(xv, wv(0), a0);
+    a1 = _mm512_fmadd_ps(xv, wv(1), a1);
+    a2 = _mm512_fmadd_ps(xv, wv(2), a2);
+    a3 = _mm512_fmadd_ps(xv, wv(3), a3);
+  }
+  acc[0] = _mm512_reduce_add_ps(a0);
+  acc[1] = _mm512_reduce_add_ps(a1);
+  acc[2] = _mm512_reduce_add_ps(a2);
+  acc[3] = _mm512_reduce_add_ps(a3);
+#else
+  int64_t j = 0;
+  for (int r = 0; r < 4; ++r) acc[r] = 0.f;
+#endif
+  for (; j < k; ++j)
+    for (int r = 0; r < 4; ++r) acc[r] += x[j] * static_cast<float>(w0[r * ldw + j]);
+}
+
+// y = (x @ q.T) * scale for a few rows x [m, K] bfloat16 and int8 weights q [N, K] with one bfloat16
+// scale per row (what torch's _weight_int8pack_mm computes); for one to four rows (a decode step's LM
+// head), where torch's kernel reads the weights at well below the machine's bandwidth.
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  check_bf16(x, "x");
+  check_bf16(scale, "scale");
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1), "q: int8 [N, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
+  TORCH_CHECK(m <= 4, "int8_gemv: at most 4 rows");
+  std::vector<float> xf(m * k);
+  const bf16* xp = x.data_ptr<bf16>();
+  for (int64_t i = 0; i < m * k; ++i) xf[i] = to_f(xp[i]);
+  auto out = at::empty({m, n}, x.options());
+  bf16* op = out.data_ptr<bf16>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const bf16* sp = scale.data_ptr<bf16>();
+  at::parallel_for(0, (n + 3) / 4, 64, [&](int64_t begin, int64_t end) {
+    float acc[4];
+    for (int64_t quad = begin; quad < end; ++quad) {
+      const int64_t row = quad * 4;
+      if (row + 4 <= n) {
+        for (int64_t i = 0; i < m; ++i) {
+          dot4_int8(xf.data() + i * k, qp + row * k, k, k, acc);
+          for (int r = 0; r < 4; ++r) op[i * n + row + r] = bf16(acc[r] * to_f(sp[row + r]));
+        }
+      } else {
+        for (int64_t rr = row; rr < n; ++rr)
+          for (int64_t i = 0; i < m; ++i) {
+            float a = 0.f;
+            for (int64_t j = 0; j < k; ++j) a += xf[i * k + j] * static_cast<float>(qp[rr * k + j]);
+            op[i * n + rr] = bf16(a * to_f(sp[rr]));
+          }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of bfloat16 rows");
+  m.def("add_rms_norm", &add_rms_norm, "residual add, then RMSNorm");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("int8_gemv", &int8_gemv, "int8 weight-only product for a few rows");
+  m.def("rope_attend", &rope_attend, "RoPE, K/V write and paged attention for decode rows");
+}
