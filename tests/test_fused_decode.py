@@ -11,7 +11,7 @@ import torch
 from offramp.config import EngineConfig
 from offramp.engine.llm_engine import LLMEngine
 from offramp.engine.sampling import SamplingParams
-from offramp.model import fused
+from offramp.model import attention, fused
 from offramp.model.attention import SeqSlice, build_metadata
 from offramp.model.decoder import decoder_layer, rope_tables
 from offramp.model.kv_store import KVStore
@@ -43,17 +43,37 @@ def _clone(kv: KVStore) -> KVStore:
     return other
 
 
+STEPS = {
+    # three decoding sequences: contexts of 1, 6 and 13 tokens over scattered pages
+    "decodes": [SeqSlice(0, 1, [7]), SeqSlice(5, 1, [3, 9]), SeqSlice(12, 1, [1, 10, 4, 6])],
+    # a decode, a sequence verifying 4 rows (a draft) across a page boundary, another decode after it
+    "verify": [SeqSlice(5, 1, [3, 9]), SeqSlice(6, 4, [1, 10, 4]), SeqSlice(0, 1, [7])],
+    # recomputed deeper K/V of earlier positions (kv_fill recompute) before a sequence's new token
+    "redo": [SeqSlice(9, 1, [2, 5, 11], redo=(6, 8)), SeqSlice(2, 1, [0])],
+}
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 @pytest.mark.parametrize("weights_format", ["bf16", "int4"])
-def test_fused_layers_match_eager_layers(ops, tiny_models, model_type, weights_format):
-    """Three decode rows (contexts of 1, 6 and 13 tokens over scattered pages) through every layer:
-    the hidden states agree within bfloat16 rounding and the K/V written to the store is the same."""
+def test_fused_layers_match_eager_layers(ops, tiny_models, model_type, weights_format, step, monkeypatch):
+    """A step's rows through every layer: the hidden states agree within bfloat16 rounding and the K/V
+    written to the store is the same. The fused kernel attends in float32; so does the eager layer for
+    decode rows, while for several rows of one sequence it runs SDPA in bfloat16 (less exact): here
+    it is made to attend in float32 for all rows, so both compute the same thing."""
+    real_attention = attention._group_attention
+
+    def float_attention(q, k_store, v_store, g, page_size):  # the eager decode rows' path, for every group
+        return real_attention(q.float(), k_store.float(), v_store.float(), g, page_size).to(q.dtype)
+
+    monkeypatch.setattr(attention, "_group_attention", float_attention)
     weights, _ = load_weights(tiny_models[model_type], torch.bfloat16, weights_format, 32)
     s = weights.shape
     cos, sin = rope_tables(weights.inv_freq, 64, weights.attention_scaling, torch.bfloat16)
-    seqs = [SeqSlice(0, 1, [7]), SeqSlice(5, 1, [3, 9]), SeqSlice(12, 1, [1, 10, 4, 6])]
-    meta = build_metadata(seqs, PAGE, cos, sin)
-    x = torch.randn(3, s.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    meta = build_metadata(STEPS[step], PAGE, cos, sin)
+    assert fused.can_fuse(torch.zeros(1, dtype=torch.bfloat16), meta)
+    n = meta.positions.shape[0]
+    x = torch.randn(n, s.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     eager_kv = _filled_store(s, 12, seed=2)
     fused_kv = _clone(eager_kv)
     eager = x
@@ -108,3 +128,24 @@ def test_engine_with_fused_decode_generates_what_eager_does(ops, tiny_models, mo
     monkeypatch.setattr(fused, "decode_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert _greedy(tiny_models["llama"], True, prompts) == eager
     assert len(calls) >= 11  # every decode step after the prompts (each block once per step)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_small_batch_int8_product_matches_torchs_kernel(ops, rows):
+    """The LM head's int8 product for a few rows: torch's _weight_int8pack_mm up to float32 summation order
+    (both round once to bfloat16), and a float32 reference on 1027 x 72 weights (tails that are not a
+    multiple of four rows or 16 columns, which torch's kernel itself does not take)."""
+    from offramp.model.quant import quantize_int8
+
+    gen = torch.Generator().manual_seed(0)
+    w = quantize_int8(torch.randn(1027, 72, generator=gen))
+    x = torch.randn(rows, 72, generator=gen).to(torch.bfloat16)
+    ours = ops.int8_gemv(x, w.q, w.scale)
+    exact = (x.float() @ w.q.float().T) * w.scale.float()  # [rows, 1027]
+    assert ours.shape == (rows, 1027)
+    torch.testing.assert_close(ours.float(), exact, rtol=1 / 128, atol=1e-3)
+    w = quantize_int8(torch.randn(1024, 128, generator=gen))  # shapes torch's kernel takes (the model's are)
+    x = torch.randn(rows, 128, generator=gen).to(torch.bfloat16)
+    ours, ref = ops.int8_gemv(x, w.q, w.scale), torch.ops.aten._weight_int8pack_mm(x, w.q, w.scale)
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1 / 64, atol=1e-2)
+    assert (ours == ref).float().mean() > 0.95

@@ -14,8 +14,9 @@ from offramp.model.kv_store import KVStore
 class TorchBackend(BlockBackend):
     """The PyTorch reference implementation; every other backend is checked against it.
 
-    With ``fused`` (and bfloat16 activations on the CPU), steps whose rows are all decodes run the
-    small ops between the matrix products as fused kernels (``model.fused``); the rest runs eager.
+    With ``fused`` (and bfloat16 activations on the CPU), steps where no sequence brings more than a few
+    rows run the small ops between the matrix products as fused kernels (``model.fused``); prompt
+    chunks run eager.
     """
 
     def __init__(
@@ -25,13 +26,23 @@ class TorchBackend(BlockBackend):
         on_cpu = all(t.device.type == "cpu" for t in kv.k if t.numel())
         wants = fused and kv.dtype == torch.bfloat16 and on_cpu and not kv.head_major
         self.fused = fused_ops.kernels() if wants else None
+        self._pages: tuple[AttentionMetadata | None, torch.Tensor | None] = (None, None)
 
     def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         start, end = self.block_ranges[block_idx]
         if self.fused is not None and fused_ops.can_fuse(hidden, meta):
+            if self._pages[0] is not meta:  # every block of a step shares the rows' page tables
+                self._pages = (meta, fused_ops.row_pages(meta))
             w = self.weights
             return fused_ops.decode_layers(
-                self.fused, w.layers[start:end], hidden, meta, self.kv.k[start:end], self.kv.v[start:end], w.shape
+                self.fused,
+                w.layers[start:end],
+                hidden,
+                meta,
+                self.kv.k[start:end],
+                self.kv.v[start:end],
+                w.shape,
+                self._pages[1],
             )
         for layer in range(start, end):
             hidden = decoder_layer(

@@ -2,11 +2,13 @@
 
 A decode step on the CPU with bfloat16 activations spends more time in ~35 small eager ops per layer
 (norms, RoPE, K/V writes, dtype copies, attention glue, SiLU, residual adds) than in its int4
-products. For steps where every row is a decoding sequence's one new token, ``decode_layers`` runs a
-range of layers with four calls around the four products of each layer (``csrc/decode_ops.cpp``):
+products. For steps where no sequence brings more than a few rows (decodes, draft verification, redo
+rows; not prompt chunks), ``decode_layers`` runs a range of layers with four calls around the four
+products of each layer (``csrc/decode_ops.cpp``):
 RMSNorm, RoPE + K/V write + paged attention, residual add + RMSNorm, SiLU x up. It rounds to
 bfloat16 where the eager ops do, so it matches ``decoder.decoder_layer`` up to the order of float32
-sums (tested). Everything else (float32, prompt chunks, verification rows, CUDA) stays eager.
+sums (tested). Everything else (float32, prompt chunks, CUDA) stays eager. The
+int8 LM head of one to four rows uses the extension's ``int8_gemv`` (torch's kernel reads it slower).
 
 The kernels are compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; about a
 minute, cached under torch's extension directory). Without a compiler the engine says so once and
@@ -23,7 +25,9 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
+from offramp.model import quant
 from offramp.model.attention import AttentionMetadata
 from offramp.model.decoder import LayerWeights, ModelShape, linear
 
@@ -40,6 +44,7 @@ def kernels() -> ModuleType | None:
         if "ops" not in _state and "error" not in _state:
             try:
                 _state["ops"] = _build()
+                quant.SMALL_BATCH_INT8[0] = _state["ops"].int8_gemv
             except Exception as exc:  # no compiler, no ninja, a failed build: eager decode still works
                 lines = str(exc).strip().splitlines() or [""]
                 _state["error"] = f"{type(exc).__name__}: {lines[-1]}"
@@ -71,51 +76,53 @@ def _build() -> ModuleType:
     )
 
 
+MAX_ROWS_PER_SEQ = 16  # a sequence bringing more new rows (a prompt chunk) runs eager: SDPA is the better kernel there
+
+
 def can_fuse(hidden: torch.Tensor, meta: AttentionMetadata) -> bool:
-    """Whether a step can take the fused path: bfloat16 on the CPU and every row one sequence's only
-    new token (one decode group). The caller checks the K/V store is slot-major."""
+    """Whether a step can take the fused path: bfloat16 on the CPU and no sequence bringing more than
+    ``MAX_ROWS_PER_SEQ`` rows (decodes, draft verification, redo rows). The caller checks the K/V store
+    is slot-major."""
     return (
         hidden.dtype == torch.bfloat16
         and hidden.device.type == "cpu"
-        and len(meta.groups) == 1
-        and meta.groups[0].max_new == 1
-        and meta.groups[0].num_seqs == hidden.shape[0]
+        and all(g.max_new <= MAX_ROWS_PER_SEQ for g in meta.groups)
         and meta.page_size & (meta.page_size - 1) == 0  # the kernel finds slots by shifts
     )
+
+
+def row_pages(meta: AttentionMetadata) -> torch.Tensor:
+    """Each row's page table, [num_tokens, max_pages] long: a decode group has one row per sequence, a
+    sequence's several rows share its table. Each row attends to positions up to its own (causal)."""
+    parts = [
+        g.kv_pages if g.max_new == 1 else g.kv_pages.expand(g.row_end - g.row_start, -1) for g in meta.groups
+    ]
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts]) if len(parts) > 1 else parts[0]
 
 
 def decode_layers(
     ops: ModuleType,
     layers: list[LayerWeights],
-    hidden: torch.Tensor,  # [n, hidden] bfloat16, one decode row per sequence
+    hidden: torch.Tensor,  # [n, hidden] bfloat16
     meta: AttentionMetadata,
     k_stores: list[torch.Tensor],  # per layer [num_slots, kv_heads, head_dim]
     v_stores: list[torch.Tensor],
     shape: ModelShape,
+    pages: torch.Tensor | None = None,  # [n, max_pages]: row_pages(meta), when the caller has it
 ) -> torch.Tensor:  # [n, hidden] bfloat16
     """The layers in turn, as ``decoder_layer`` computes them, with the small ops fused."""
     n = hidden.shape[0]
     nh, nkv, hd, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rms_norm_eps
-    group = meta.groups[0]
+    pages = row_pages(meta) if pages is None else pages
     cos, sin = meta.cos.view(n, hd), meta.sin.view(n, hd)  # [n, hd]
-    lens = meta.positions + 1  # [n]: context length including the new token
+    lens = meta.positions + 1  # [n]: each row sees the positions up to its own
     x = hidden.contiguous()
     h = ops.rms_norm(x, layers[0].input_norm, eps)
     for i, w in enumerate(layers):
         qkv = linear(h, w.qkv, w.qkv_bias)  # [n, (nh + 2 nkv) * hd]
         attn = ops.rope_attend(
-            qkv,
-            cos,
-            sin,
-            k_stores[i],
-            v_stores[i],
-            meta.slot_mapping,
-            group.kv_pages,
-            lens,
-            nh,
-            nkv,
-            hd,
-            meta.page_size,
+            qkv, cos, sin, k_stores[i], v_stores[i], meta.slot_mapping, pages, lens, nh, nkv, hd, meta.page_size
         )  # [n, nh * hd]
         x, h = ops.add_rms_norm(x, linear(attn, w.o_proj), w.post_norm, eps)
         down = linear(ops.silu_mul(linear(h, w.gate_up)), w.down)  # [n, hidden]

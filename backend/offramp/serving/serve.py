@@ -26,7 +26,6 @@ import subprocess
 import sys
 import sysconfig
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +114,16 @@ def fast_format(repo: Path, overrides: dict) -> dict:
         file=sys.stderr,
     )
     return dict(FAST_FORMAT)
+
+
+def prebuild_kernels(repo: Path, overrides: dict) -> None:
+    """Build the fused CPU decode kernels here, once, before the model instances start (they load the
+    cached build): a bfloat16 model would otherwise compile them inside Triton's model loading."""
+    engine = json.loads((repo / "offramp" / "1" / "engine.json").read_text(encoding="utf-8"))
+    if overrides.get("dtype", engine.get("dtype")) == "bfloat16" and overrides.get("fused_decode", True):
+        from offramp.model import fused
+
+        fused.kernels()
 
 
 def server_env(paths: ServerPaths, overrides: dict) -> dict[str, str]:
@@ -207,6 +216,7 @@ def run_server(
     if not (repo / "offramp" / "config.pbtxt").is_file():
         raise ModelLoadError(f"{repo} is not an Offramp model repository (no offramp/config.pbtxt)")
     overrides = overrides | fast_format(repo, overrides)
+    prebuild_kernels(repo, overrides)
     if "model" in overrides:
         overrides["model"] = str(resolve_model(overrides["model"]))  # de-quantize a GGUF before serving
     paths = find_tritonserver(cache_root() / "triton")

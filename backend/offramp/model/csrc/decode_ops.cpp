@@ -81,8 +81,9 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
 }
 
-// One decode row per sequence: RoPE on its q and k heads, its K/V written to the paged store at
-// slots[r], then attention of its q over the sequence's first lens[r] positions.
+// Rows of new tokens (one per decoding sequence, or a few of one sequence: drafts, redo rows): RoPE on
+// their q and k heads, every row's K/V written to the paged store at slots[r] first, then attention of
+// row r's q over the positions before lens[r] through its own page table pages[r] (causal).
 //   qkv:   [n, (nh + 2 nkv) * hd] bfloat16 (q heads, k heads, v heads)
 //   cos, sin: [n, hd] bfloat16 (sin signed: rotate_half(x) * sin == roll(x, hd / 2) * signed_sin)
 //   k_store, v_store: [slots, nkv, hd] bfloat16
@@ -146,21 +147,25 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
   const int64_t group = nh / nkv;  // query heads per kv head (head h reads kv head h / group)
   const uint16_t* kbits = reinterpret_cast<const uint16_t*>(kp);
   const uint16_t* vbits = reinterpret_cast<const uint16_t*>(vp);
-  at::parallel_for(0, n * nkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> score, row(hd), acc(group * hd);
+  // An item is one row's kv head and the query heads that read it (each K/V row is loaded once for all
+  // of them; splitting the query heads over more items, for balance at one row, measured slower)
+  const int64_t splits = 1, per = group;
+  at::parallel_for(0, n * nkv * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score, row(hd), acc(per * hd);
     float* f = row.data();
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / nkv, kvh = item % nkv, ctx = len[r];
-      const float* qg = q.data() + (r * nh + kvh * group) * hd;  // [group, hd]
+      const int64_t r = item / (nkv * splits), kvh = (item / splits) % nkv, first = kvh * group + (item % splits) * per;
+      const int64_t ctx = len[r];
+      const float* qg = q.data() + (r * nh + first) * hd;  // [per, hd]
       const int64_t* table = page + r * max_pages;
       // slot of position p; page_size is a power of two (checked), so no division per position
       auto slot_of = [&](int64_t p) { return table[p >> page_shift] * page_size + (p & (page_size - 1)); };
-      score.resize(group * ctx);
+      score.resize(per * ctx);
       for (int64_t p = 0; p < ctx; ++p) {
         const uint16_t* k = kbits + slot_of(p) * kv_row + kvh * hd;
 #pragma omp simd
         for (int64_t d = 0; d < hd; ++d) f[d] = bits_to_f(k[d]);
-        for (int64_t g = 0; g < group; ++g) {
+        for (int64_t g = 0; g < per; ++g) {
           const float* qv = qg + g * hd;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
@@ -168,7 +173,7 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
           score[g * ctx + p] = dot * scale;
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
+      for (int64_t g = 0; g < per; ++g) {
         float* sc = score.data() + g * ctx;
         float mx = -INFINITY, total = 0.f;
         for (int64_t p = 0; p < ctx; ++p) mx = std::max(mx, sc[p]);
@@ -184,15 +189,15 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
         const uint16_t* v = vbits + slot_of(p) * kv_row + kvh * hd;
 #pragma omp simd
         for (int64_t d = 0; d < hd; ++d) f[d] = bits_to_f(v[d]);
-        for (int64_t g = 0; g < group; ++g) {
+        for (int64_t g = 0; g < per; ++g) {
           float* a = acc.data() + g * hd;
           const float w = score[g * ctx + p];
 #pragma omp simd
           for (int64_t d = 0; d < hd; ++d) a[d] += w * f[d];
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        bf16* dst = op + r * nh * hd + (kvh * group + g) * hd;
+      for (int64_t g = 0; g < per; ++g) {
+        bf16* dst = op + r * nh * hd + (first + g) * hd;
         for (int64_t d = 0; d < hd; ++d) dst[d] = bf16(acc[g * hd + d]);
       }
     }
@@ -271,5 +276,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual add, then RMSNorm");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("int8_gemv", &int8_gemv, "int8 weight-only product for a few rows");
-  m.def("rope_attend", &rope_attend, "RoPE, K/V write and paged attention for decode rows");
+  m.def("rope_attend", &rope_attend, "RoPE, K/V write and paged attention for a few rows per sequence");
 }
