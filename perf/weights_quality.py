@@ -2,10 +2,12 @@
 
 HF ``transformers`` (float32, greedy, up to EOS) answers the bundled prompts once; then each Offramp
 format reads prompt + HF's answer in one full-depth pass, and we count the positions where its argmax
-is HF's token. One JSON line per format.
+is HF's token (``token_agreement_vs_hf_float32``). ``decode_agreement_vs_hf_float32`` counts the same
+along decode steps (16 requests at a time, each step fed HF's previous token, as serving computes
+them: the fused CPU kernels where they apply). One JSON line per format.
 
 Usage: .venv/bin/python perf/weights_quality.py [--formats none:float32,bf16:bfloat16,int8:bfloat16,int4:bfloat16]
-       [--num-prompts 40] [--max-tokens 64] [--num-threads 2] [--model default]
+       [--num-prompts 40] [--max-tokens 64] [--num-threads 2] [--model default] [--no-fused-decode]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from offramp.config import EngineConfig
 from offramp.engine.llm_engine import LLMEngine
 from offramp.tools.bench import bench_prompt_ids, load_prompts, run_hf
+from offramp.tools.quality import reference_agreement
 
 
 def main() -> None:
@@ -28,6 +31,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-threads", type=int, default=2)
     parser.add_argument("--weight-group-size", type=int, default=32)
+    parser.add_argument("--fused-decode", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     torch.set_num_threads(args.num_threads)
     prompts = load_prompts()[: args.num_prompts]
@@ -40,19 +44,23 @@ def main() -> None:
             weights=weights,
             weight_group_size=args.weight_group_size,
             num_threads=args.num_threads,
+            fused_decode=args.fused_decode,
         )
         engine = LLMEngine(config)
         ids = bench_prompt_ids(engine, prompts, len(prompts))
         if reference is None:
             _, reference = run_hf(engine.checkpoint, torch.float32, ids, 1, args.max_tokens, engine.eos_ids, False)
         agree = [ok for p, o in zip(ids, reference) for ok in engine.teacher_forced_agreement(p, o)]
+        decode = [ok for row in reference_agreement(engine, ids, reference, concurrency=16) for ok in row]
         row = {
             "dtype": dtype,
             "weights": weights,
             "weight_group_size": args.weight_group_size if weights == "int4" else None,
             "num_prompts": len(prompts),
             "num_tokens": len(agree),
+            "fused_decode": args.fused_decode and dtype == "bfloat16",
             "token_agreement_vs_hf_float32": round(sum(agree) / len(agree), 4),
+            "decode_agreement_vs_hf_float32": round(sum(decode) / len(decode), 4),
         }
         print(json.dumps(row), flush=True)
 

@@ -55,7 +55,7 @@ STEPS = {
 
 @pytest.mark.parametrize("step", sorted(STEPS))
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-@pytest.mark.parametrize("weights_format", ["bf16", "int4"])
+@pytest.mark.parametrize("weights_format", ["bf16", "int8", "int4"])
 def test_fused_layers_match_eager_layers(ops, tiny_models, model_type, weights_format, step, monkeypatch):
     """A step's rows through every layer: the hidden states agree within bfloat16 rounding and the K/V
     written to the store is the same. The fused kernel attends in float32; so does the eager layer for

@@ -27,6 +27,8 @@ class TorchBackend(BlockBackend):
         wants = fused and kv.dtype == torch.bfloat16 and on_cpu and not kv.head_major
         self.fused = fused_ops.kernels() if wants else None
         self._pages: tuple[AttentionMetadata | None, torch.Tensor | None] = (None, None)
+        if self.fused is not None:  # each block's weights as the extension reads them, gathered once
+            self._packed = [fused_ops.pack_layers(weights.layers[a:b]) for a, b in block_ranges]
 
     def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         start, end = self.block_ranges[block_idx]
@@ -43,6 +45,7 @@ class TorchBackend(BlockBackend):
                 self.kv.v[start:end],
                 w.shape,
                 self._pages[1],
+                self._packed[block_idx],
             )
         for layer in range(start, end):
             hidden = decoder_layer(

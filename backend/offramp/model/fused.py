@@ -1,10 +1,10 @@
-"""Fused CPU decode: the small ops between a layer's matrix products in one C++ call each.
+"""Fused CPU decode: a block's layers in one C++ call, the small ops between the products fused.
 
 A decode step on the CPU with bfloat16 activations spends more time in ~35 small eager ops per layer
 (norms, RoPE, K/V writes, dtype copies, attention glue, SiLU, residual adds) than in its int4
 products. For steps where no sequence brings more than a few rows (decodes, draft verification, redo
-rows; not prompt chunks), ``decode_layers`` runs a range of layers with four calls around the four
-products of each layer (``csrc/decode_ops.cpp``):
+rows; not prompt chunks), ``decode_layers`` runs a block's layers in one call of the extension
+(``csrc/decode_ops.cpp``), which calls torch's own product kernels and, between them, its fused ops:
 RMSNorm, RoPE + K/V write + paged attention, residual add + RMSNorm, SiLU x up. It rounds to
 bfloat16 where the eager ops do, so it matches ``decoder.decoder_layer`` up to the order of float32
 sums (tested). Everything else (float32, prompt chunks, CUDA) stays eager. The
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from offramp.model import quant
 from offramp.model.attention import AttentionMetadata
-from offramp.model.decoder import LayerWeights, ModelShape, linear
+from offramp.model.decoder import LayerWeights, ModelShape
+from offramp.model.quant import Int4Weight, Int8Weight
 
 log = logging.getLogger("offramp")
 
@@ -94,11 +95,30 @@ def can_fuse(hidden: torch.Tensor, meta: AttentionMetadata) -> bool:
 def row_pages(meta: AttentionMetadata) -> torch.Tensor:
     """Each row's page table, [num_tokens, max_pages] long: a decode group has one row per sequence, a
     sequence's several rows share its table. Each row attends to positions up to its own (causal)."""
-    parts = [
-        g.kv_pages if g.max_new == 1 else g.kv_pages.expand(g.row_end - g.row_start, -1) for g in meta.groups
-    ]
+    parts = [g.kv_pages if g.max_new == 1 else g.kv_pages.expand(g.row_end - g.row_start, -1) for g in meta.groups]
     width = max(p.shape[1] for p in parts)
     return torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts]) if len(parts) > 1 else parts[0]
+
+
+def pack_layers(layers: list[LayerWeights]) -> tuple[list[torch.Tensor], list[int]]:
+    """What ``decode_block`` reads per layer: 11 tensors and 12 ints (see csrc/decode_ops.cpp)."""
+    tensors: list[torch.Tensor] = []
+    specs: list[int] = []
+    for w in layers:
+        bias = w.qkv_bias if w.qkv_bias is not None else torch.empty(0, dtype=w.input_norm.dtype)
+        tensors += [w.input_norm, w.post_norm]
+        for i, weight in enumerate((w.qkv, w.o_proj, w.gate_up, w.down)):
+            if isinstance(weight, torch.Tensor):
+                parts, spec = (weight, weight), (0, 0, weight.shape[0])
+            elif isinstance(weight, Int8Weight):
+                parts, spec = (weight.q, weight.scale), (1, 0, weight.shape[0])
+            elif isinstance(weight, Int4Weight):
+                parts, spec = (weight.packed, weight.scale_zero), (2, weight.group_size, weight.out_features)
+            else:
+                raise TypeError(f"fused decode: no kernel for a {type(weight).__name__} weight")
+            tensors += [*parts, bias] if i == 0 else list(parts)
+            specs += spec
+    return tensors, specs
 
 
 def decode_layers(
@@ -110,24 +130,25 @@ def decode_layers(
     v_stores: list[torch.Tensor],
     shape: ModelShape,
     pages: torch.Tensor | None = None,  # [n, max_pages]: row_pages(meta), when the caller has it
+    packed: tuple[list[torch.Tensor], list[int]] | None = None,  # pack_layers(layers), when the caller has it
 ) -> torch.Tensor:  # [n, hidden] bfloat16
-    """The layers in turn, as ``decoder_layer`` computes them, with the small ops fused."""
+    """The layers in turn, as ``decoder_layer`` computes them, in one call of the extension."""
     n = hidden.shape[0]
-    nh, nkv, hd, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rms_norm_eps
-    pages = row_pages(meta) if pages is None else pages
-    cos, sin = meta.cos.view(n, hd), meta.sin.view(n, hd)  # [n, hd]
-    lens = meta.positions + 1  # [n]: each row sees the positions up to its own
-    x = hidden.contiguous()
-    h = ops.rms_norm(x, layers[0].input_norm, eps)
-    for i, w in enumerate(layers):
-        qkv = linear(h, w.qkv, w.qkv_bias)  # [n, (nh + 2 nkv) * hd]
-        attn = ops.rope_attend(
-            qkv, cos, sin, k_stores[i], v_stores[i], meta.slot_mapping, pages, lens, nh, nkv, hd, meta.page_size
-        )  # [n, nh * hd]
-        x, h = ops.add_rms_norm(x, linear(attn, w.o_proj), w.post_norm, eps)
-        down = linear(ops.silu_mul(linear(h, w.gate_up)), w.down)  # [n, hidden]
-        if i + 1 < len(layers):
-            x, h = ops.add_rms_norm(x, down, layers[i + 1].input_norm, eps)
-        else:
-            x = x + down
-    return x
+    tensors, specs = pack_layers(layers) if packed is None else packed
+    return ops.decode_block(
+        hidden,
+        tensors,
+        specs,
+        k_stores,
+        v_stores,
+        meta.cos.view(n, shape.head_dim),  # [n, hd]
+        meta.sin.view(n, shape.head_dim),
+        meta.slot_mapping,
+        row_pages(meta) if pages is None else pages,
+        meta.positions + 1,  # [n]: each row sees the positions up to its own
+        shape.num_heads,
+        shape.num_kv_heads,
+        shape.head_dim,
+        meta.page_size,
+        shape.rms_norm_eps,
+    )

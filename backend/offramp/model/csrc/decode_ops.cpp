@@ -235,7 +235,8 @@ inline void dot4_int8(const float* x, const int8_t* w0, int64_t ldw, int64_t k, 
 
 // y = (x @ q.T) * scale for a few rows x [m, K] bfloat16 and int8 weights q [N, K] with one bfloat16
 // scale per row (what torch's _weight_int8pack_mm computes); for one to four rows (a decode step's LM
-// head), where torch's kernel reads the weights at well below the machine's bandwidth.
+// head), where torch's kernel is slower. (Integer VNNI dot products on int16 activations were tried:
+// no faster, the product is bound by reading the weights from memory.)
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
   check_bf16(x, "x");
   check_bf16(scale, "scale");
@@ -271,10 +272,64 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return out;
 }
 
+namespace {
+
+// One linear as decoder.linear computes it: kind 0 a bfloat16 weight a [N, K] (bias added by the same
+// product); 1 int8 per channel (a codes, b scales); 2 int4 in torch's CPU layout (a packed, b scales and
+// zeros), out_features the rows to keep.
+at::Tensor linear_w(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, int64_t kind,
+                    int64_t group, int64_t out_features) {
+  if (kind == 0) return bias.numel() ? at::linear(x, a, bias) : at::linear(x, a);
+  at::Tensor y;
+  if (kind == 1) {
+    y = x.size(0) <= 4 ? int8_gemv(x, a, b) : at::_weight_int8pack_mm(x, a, b);
+  } else {
+    y = at::_weight_int4pack_mm_for_cpu(x, a, group, b);
+    if (y.size(1) != out_features) y = y.narrow(1, 0, out_features).contiguous();
+  }
+  return bias.numel() ? y + bias : y;
+}
+
+}  // namespace
+
+// Layers of one block for rows that rope_attend can take, each as decoder.decoder_layer computes it:
+// one call instead of ~12 from Python per layer. Per layer, `layers` holds 11 tensors (input_norm,
+// post_norm, qkv a, qkv b, qkv bias (empty: none), o a, o b, gate_up a, gate_up b, down a, down b) and
+// `specs` 12 ints ((kind, group, out_features) of qkv, o, gate_up, down; see linear_w).
+at::Tensor decode_block(const at::Tensor& hidden, const std::vector<at::Tensor>& layers, const std::vector<int64_t>& specs,
+                        const std::vector<at::Tensor>& k_stores, const std::vector<at::Tensor>& v_stores,
+                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots, const at::Tensor& pages,
+                        const at::Tensor& lens, int64_t nh, int64_t nkv, int64_t hd, int64_t page_size, double eps) {
+  const size_t num = k_stores.size();
+  TORCH_CHECK(layers.size() == 11 * num && specs.size() == 12 * num && v_stores.size() == num && num > 0,
+              "decode_block: 11 tensors and 12 ints per layer");
+  const at::Tensor no_bias = at::empty({0}, hidden.options());
+  at::Tensor x = hidden.contiguous();
+  at::Tensor h = rms_norm(x, layers[0], eps);
+  for (size_t i = 0; i < num; ++i) {
+    const at::Tensor* t = layers.data() + 11 * i;
+    const int64_t* sp = specs.data() + 12 * i;
+    at::Tensor qkv = linear_w(h, t[2], t[3], t[4], sp[0], sp[1], sp[2]);
+    at::Tensor attn = rope_attend(qkv, cos, sin, k_stores[i], v_stores[i], slots, pages, lens, nh, nkv, hd, page_size);
+    auto xh = add_rms_norm(x, linear_w(attn, t[5], t[6], no_bias, sp[3], sp[4], sp[5]), t[1], eps);
+    at::Tensor act = silu_mul(linear_w(xh[1], t[7], t[8], no_bias, sp[6], sp[7], sp[8]));
+    at::Tensor down = linear_w(act, t[9], t[10], no_bias, sp[9], sp[10], sp[11]);
+    if (i + 1 < num) {
+      auto next = add_rms_norm(xh[0], down, layers[11 * (i + 1)], eps);
+      x = next[0];
+      h = next[1];
+    } else {
+      x = xh[0] + down;
+    }
+  }
+  return x;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of bfloat16 rows");
   m.def("add_rms_norm", &add_rms_norm, "residual add, then RMSNorm");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("int8_gemv", &int8_gemv, "int8 weight-only product for a few rows");
+  m.def("decode_block", &decode_block, "the layers of one block for decode rows");
   m.def("rope_attend", &rope_attend, "RoPE, K/V write and paged attention for a few rows per sequence");
 }

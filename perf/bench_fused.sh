@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Fused CPU decode kernels against the eager ops, and both against llama.cpp on the same GGUF: int4 and
+# bf16 on the default model at concurrency 1 (with --compare llamacpp, REPEAT times: the machine is
+# noisy, so every ratio is from one command) and 16, then agreement with HF float32 along decode steps.
+# Env: THREADS (2), REPEAT (3), QUALITY (1; 0 skips the agreement runs).
+# Usage: perf/bench_fused.sh [OUT]   (default docs/bench/fused_decode.jsonl; about 10 minutes on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-docs/bench/fused_decode.jsonl}
+threads=${THREADS:-2}; repeat=${REPEAT:-3}
+mkdir -p "$(dirname "$out")"
+run() {  # weights concurrency fused-flag [extra...]
+  local w=$1 c=$2 f=$3; shift 3
+  .venv/bin/offramp bench --model default --weights "$w" --dtype bfloat16 --num-threads "$threads" --max-tokens 64 \
+    --ignore-eos --json --concurrency "$c" --num-requests $(( c > 1 ? 32 : 8 )) "$f" "$@" | tail -1 \
+    | .venv/bin/python -c "import json, sys; r = json.loads(sys.stdin.read()); r['fused_decode'] = '$f' == '--fused-decode'; print(json.dumps(r))" \
+    | tee -a "$out"
+}
+for _ in $(seq "$repeat"); do
+  run int4 1 --fused-decode --compare llamacpp
+  run int4 1 --no-fused-decode --compare llamacpp
+done
+for f in --fused-decode --no-fused-decode; do
+  run int4 16 "$f"
+  run bf16 1 "$f"
+  run bf16 16 "$f"
+done
+[ "${QUALITY:-1}" = 1 ] || exit 0
+for f in --fused-decode --no-fused-decode; do
+  .venv/bin/python perf/weights_quality.py --formats bf16:bfloat16,int4:bfloat16 --num-threads "$threads" "$f" | tee -a "$out"
+done
