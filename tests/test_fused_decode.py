@@ -130,7 +130,7 @@ def test_engine_with_fused_decode_generates_what_eager_does(ops, tiny_models, mo
     assert len(calls) >= 11  # every decode step after the prompts (each block once per step)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
 def test_small_batch_int8_product_matches_torchs_kernel(ops, rows):
     """The LM head's int8 product for a few rows: torch's _weight_int8pack_mm up to float32 summation order
     (both round once to bfloat16), and a float32 reference on 1027 x 72 weights (tails that are not a
@@ -161,7 +161,7 @@ def test_one_row_int4_product_is_torchs_kernel(ops):
     codes = quantize_int4(torch.randn(192, 128, generator=gen), 32)  # three blocks of 64 rows
     w = int4_weight(nibbles(codes.codes), codes.scale_zero(), 32)
     x = torch.randn(1, 128, generator=gen).to(torch.bfloat16)
-    ours = ops.int4_gemv(x, w.packed, w.scale_zero, 32, w.out_features)
+    ours = ops.int4_gemm_small(x, w.packed, w.scale_zero, 32, w.out_features)
     assert ours.shape == (1, 192)
     torch.testing.assert_close(ours.float(), w.matmul(x).float(), rtol=1 / 128, atol=1e-2)
     exact = x.float() @ codes.dequantize().T  # [1, 192]: scales and zeros as held (before bfloat16)

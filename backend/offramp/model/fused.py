@@ -8,7 +8,7 @@ rows; not prompt chunks), ``decode_layers`` runs a block's layers in one call of
 RMSNorm, RoPE + K/V write + paged attention, residual add + RMSNorm, SiLU x up. It rounds to
 bfloat16 where the eager ops do, so it matches ``decoder.decoder_layer`` up to the order of float32
 sums (tested). Everything else (float32, prompt chunks, CUDA) stays eager. The
-int8 LM head of one to four rows uses the extension's ``int8_gemv`` (torch's kernel reads it slower).
+int8 products of up to 16 rows (the LM head) use the extension's ``int8_gemv`` (torch's kernel is slower).
 
 The kernels are compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; about a
 minute, cached under torch's extension directory). Without a compiler the engine says so once and

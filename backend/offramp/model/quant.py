@@ -19,7 +19,7 @@ import torch
 
 ROW_MULTIPLE = 16  # the CPU int4 packer needs N % 16 == 0: other widths get zero rows (sliced off)
 ROW_BLOCK = 64  # the widest row interleave of the CPU int4 layout: row slices at multiples of it stay valid
-# The same product as _weight_int8pack_mm for one to four rows, faster on the CPU (a decode step's LM
+# The same product as _weight_int8pack_mm for up to 16 rows, faster on the CPU (a decode step's LM
 # head); set by ``model.fused`` once its kernels are built, else torch's kernel runs.
 SMALL_BATCH_INT8: list = [None]
 
@@ -42,7 +42,7 @@ class Int8Weight:
         return _nbytes(self.q, self.scale)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [n, K] bfloat16 -> [n, N] bfloat16
-        if SMALL_BATCH_INT8[0] is not None and x.shape[0] <= 4 and x.device.type == "cpu":
+        if SMALL_BATCH_INT8[0] is not None and x.shape[0] <= 16 and x.device.type == "cpu":
             return SMALL_BATCH_INT8[0](x.contiguous(), self.q, self.scale)
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
 

@@ -205,36 +205,42 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
   return out;
 }
 
-// Dot product of one float32 activation row with one int8 weight row. One weight row at a time keeps
-// the weights one sequential stream: measured 3x faster than four rows interleaved, which the
-// hardware prefetchers follow badly (28 MB LM head, one row: 0.9 ms against 2.7 ms on two threads).
-inline float dot_int8(const float* x, const int8_t* w, int64_t k) {
+// Dot products of R float32 activation rows (stride k) with one int8 weight row, into out[R]. One
+// weight row at a time keeps the weights one sequential stream: measured 3x faster than four rows
+// interleaved, which the hardware prefetchers follow badly (28 MB LM head, one row: 0.9 ms against
+// 2.7 ms on two threads); each 32 weights are converted once for all R rows.
+template <int R>
+void dot_int8(const float* x, int64_t k, const int8_t* w, float* out) {
   int64_t j = 0;
-  float acc = 0.f;
+  for (int r = 0; r < R; ++r) out[r] = 0.f;
 #if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   auto wv = [&](int64_t at) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + at))));
   };
   for (; j + 32 <= k; j += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), wv(j), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), wv(j + 16), a1);
+    const __m512 w0 = wv(j), w1 = wv(j + 16);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j), w0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j + 16), w1, a1[r]);
+    }
   }
-  acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
 #endif
-  for (; j < k; ++j) acc += x[j] * static_cast<float>(w[j]);
-  return acc;
+  for (; j < k; ++j)
+    for (int r = 0; r < R; ++r) out[r] += x[r * k + j] * static_cast<float>(w[j]);
 }
 
 // y = (x @ q.T) * scale for a few rows x [m, K] bfloat16 and int8 weights q [N, K] with one bfloat16
-// scale per row (what torch's _weight_int8pack_mm computes); for one to four rows (a decode step's LM
+// scale per row (what torch's _weight_int8pack_mm computes); for up to 16 rows (a decode step's LM
 // head), where torch's kernel is slower.
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
   check_bf16(x, "x");
   check_bf16(scale, "scale");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1), "q: int8 [N, K]");
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
-  TORCH_CHECK(m <= 4, "int8_gemv: at most 4 rows");
+  TORCH_CHECK(m <= 16, "int8_gemv: at most 16 rows");
   std::vector<float> xf(m * k);
   const bf16* xp = x.data_ptr<bf16>();
   for (int64_t i = 0; i < m * k; ++i) xf[i] = to_f(xp[i]);
@@ -243,9 +249,21 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const int8_t* qp = q.data_ptr<int8_t>();
   const bf16* sp = scale.data_ptr<bf16>();
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    float acc[4];
     for (int64_t row = begin; row < end; ++row) {
+      const int8_t* w = qp + row * k;
       const float s = to_f(sp[row]);
-      for (int64_t i = 0; i < m; ++i) op[i * n + row] = bf16(dot_int8(xf.data() + i * k, qp + row * k, k) * s);
+      for (int64_t i = 0; i < m; i += 4) {  // up to four activation rows per pass over the weight row
+        const float* xv = xf.data() + i * k;
+        const int64_t r = std::min<int64_t>(4, m - i);
+        switch (r) {
+          case 1: dot_int8<1>(xv, k, w, acc); break;
+          case 2: dot_int8<2>(xv, k, w, acc); break;
+          case 3: dot_int8<3>(xv, k, w, acc); break;
+          default: dot_int8<4>(xv, k, w, acc); break;
+        }
+        for (int64_t j = 0; j < r; ++j) op[(i + j) * n + row] = bf16(acc[j] * s);
+      }
     }
   });
   return out;
@@ -272,77 +290,106 @@ bool int4_layout_matches() {
   return ok;
 }
 
-// y = x @ w.T for a few rows x [m, K] bfloat16 and int4 weights in torch's CPU layout (packed
-// [N_pad, K / 2], scale_zero [K / group, N_pad, 2]: w = (q - 8) * scale + zero), N_pad a multiple of
-// 64. One block of 64 rows at a time reads its bytes as one sequential stream (torch's kernel reads
-// them at about half the speed for one row). Per group, sum_k x_k (q - 8) s + z sum_k x_k.
-at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group,
-                     int64_t out_features) {
+#if defined(__AVX512F__)
+// R activation rows (stride k) against one block of 64 int4 rows: y [R][64] += x @ w.T. The weights of
+// each input column are unpacked once for all R rows; scales and zeros are applied per group in vectors
+// (a pair (scale, zero) of bfloat16 is one 32-bit lane: scale = lane << 16, zero = lane & 0xffff0000).
+template <int R>
+void int4_block_rows(const float* x, int64_t k, const float* xsum, int64_t groups, int64_t group, const uint8_t* block,
+                     const bf16* sz, int64_t n_pad, float* y) {
+  const __m512i low = _mm512_set1_epi32(15), high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t kk = g * group; kk < (g + 1) * group; ++kk) {
+      const uint8_t* b = block + kk * 32;
+      const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+      const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+      const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(b0, low)), _mm512_cvtepi32_ps(_mm512_and_si512(b1, low)),
+                           _mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4))};
+      for (int r = 0; r < R; ++r) {
+        const __m512 xk = _mm512_set1_ps(x[r * k + kk]);
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(xk, w[j], acc[r][j]);
+      }
+    }
+    const int32_t* lanes = reinterpret_cast<const int32_t*>(sz + g * n_pad * 2);  // (scale, zero) per row
+    for (int j = 0; j < 4; ++j) {
+      const __m512i pair = _mm512_loadu_si512(lanes + j * 16);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, high_half));
+      for (int r = 0; r < R; ++r) {
+        const __m512 xs = _mm512_set1_ps(xsum[r * groups + g]);
+        __m512 out = _mm512_loadu_ps(y + r * 64 + j * 16);
+        // s (acc - 8 xs) + z xs
+        out = _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(_mm512_set1_ps(8.f), xs, acc[r][j]), out);
+        out = _mm512_fmadd_ps(zero, xs, out);
+        _mm512_storeu_ps(y + r * 64 + j * 16, out);
+      }
+    }
+  }
+}
+
+// y = x @ w.T for up to 16 rows x [m, K] bfloat16 and int4 weights in torch's CPU layout (packed
+// [N_pad, K / 2], scale_zero [K / group, N_pad, 2]: w = (q - 8) * scale + zero), N_pad a multiple of 64.
+// One block of 64 output rows at a time: its bytes are one sequential stream, unpacked once per input
+// column for up to four activation rows (torch's kernel reads them at about half the speed for one row
+// and costs 3x more from four rows on).
+at::Tensor int4_gemm_small(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group,
+                           int64_t out_features) {
   check_bf16(x, "x");
   check_bf16(scale_zero, "scale_zero");
   const int64_t m = x.size(0), k = x.size(1), n_pad = packed.size(0);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == k,
               "packed: uint8 [N_pad, K / 2]");
-  TORCH_CHECK(n_pad % 64 == 0 && k % group == 0 && m <= 4 && out_features <= n_pad, "int4_gemv: unsupported shape");
+  TORCH_CHECK(n_pad % 64 == 0 && k % group == 0 && m >= 1 && m <= 16 && out_features <= n_pad,
+              "int4_gemm_small: unsupported shape");
   TORCH_CHECK(scale_zero.size(0) == k / group && scale_zero.size(1) == n_pad, "scale_zero: [K / group, N_pad, 2]");
-  std::vector<float> xf(m * k), xsum(m * (k / group), 0.f);
+  const int64_t groups = k / group;
+  std::vector<float> xf(m * k), xsum(m * groups, 0.f);
   const bf16* xp = x.data_ptr<bf16>();
   for (int64_t i = 0; i < m * k; ++i) xf[i] = to_f(xp[i]);
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < k; ++j) xsum[i * (k / group) + j / group] += xf[i * k + j];
+    for (int64_t j = 0; j < k; ++j) xsum[i * groups + j / group] += xf[i * k + j];
   auto out = at::empty({m, out_features}, x.options());
   bf16* op = out.data_ptr<bf16>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const bf16* szp = scale_zero.data_ptr<bf16>();
-  const int64_t groups = k / group;
   at::parallel_for(0, n_pad / 64, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[64];
-    float y[64];
+    std::vector<float> y(m * 64);
     for (int64_t nb = begin; nb < end; ++nb) {
+      std::fill(y.begin(), y.end(), 0.f);
       const uint8_t* block = pp + nb * 64 * (k / 2);  // [K][32] bytes
-      for (int64_t i = 0; i < m; ++i) {
+      const bf16* sz = szp + nb * 64 * 2;
+      for (int64_t i = 0; i < m; i += 4) {
         const float* xv = xf.data() + i * k;
-        std::fill(y, y + 64, 0.f);
-        for (int64_t g = 0; g < groups; ++g) {
-#if defined(__AVX512F__)
-          __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-          const __m512i low = _mm512_set1_epi32(15);
-          for (int64_t kk = g * group; kk < (g + 1) * group; ++kk) {
-            const __m512 xk = _mm512_set1_ps(xv[kk]);
-            const uint8_t* b = block + kk * 32;
-            const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-            const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
-            a0 = _mm512_fmadd_ps(xk, _mm512_cvtepi32_ps(_mm512_and_si512(b0, low)), a0);  // rows 0-15
-            a1 = _mm512_fmadd_ps(xk, _mm512_cvtepi32_ps(_mm512_and_si512(b1, low)), a1);  // rows 16-31
-            a2 = _mm512_fmadd_ps(xk, _mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), a2);   // rows 32-47
-            a3 = _mm512_fmadd_ps(xk, _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)), a3);   // rows 48-63
-          }
-          _mm512_store_ps(acc, a0);
-          _mm512_store_ps(acc + 16, a1);
-          _mm512_store_ps(acc + 32, a2);
-          _mm512_store_ps(acc + 48, a3);
-#else
-          std::fill(acc, acc + 64, 0.f);
-          for (int64_t kk = g * group; kk < (g + 1) * group; ++kk) {
-            const uint8_t* b = block + kk * 32;
-            for (int64_t d = 0; d < 32; ++d) {
-              acc[d] += xv[kk] * static_cast<float>(b[d] & 15);
-              acc[d + 32] += xv[kk] * static_cast<float>(b[d] >> 4);
-            }
-          }
-#endif
-          const float xs = xsum[i * groups + g];
-          const bf16* sz = szp + (g * n_pad + nb * 64) * 2;
-          for (int64_t r = 0; r < 64; ++r) y[r] += to_f(sz[2 * r]) * (acc[r] - 8.f * xs) + to_f(sz[2 * r + 1]) * xs;
+        const float* xs = xsum.data() + i * groups;
+        float* yv = y.data() + i * 64;
+        switch (std::min<int64_t>(4, m - i)) {
+          case 1: int4_block_rows<1>(xv, k, xs, groups, group, block, sz, n_pad, yv); break;
+          case 2: int4_block_rows<2>(xv, k, xs, groups, group, block, sz, n_pad, yv); break;
+          case 3: int4_block_rows<3>(xv, k, xs, groups, group, block, sz, n_pad, yv); break;
+          default: int4_block_rows<4>(xv, k, xs, groups, group, block, sz, n_pad, yv); break;
         }
-        for (int64_t r = 0; r < 64 && nb * 64 + r < out_features; ++r) op[i * out_features + nb * 64 + r] = bf16(y[r]);
       }
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t r = 0; r < 64 && nb * 64 + r < out_features; ++r)
+          op[i * out_features + nb * 64 + r] = bf16(y[i * 64 + r]);
     }
   });
   return out;
 }
+constexpr bool kHasInt4Gemm = true;
+#else
+at::Tensor int4_gemm_small(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t) {
+  TORCH_CHECK(false, "int4_gemm_small needs AVX-512");
+}
+constexpr bool kHasInt4Gemm = false;
+#endif
 
 namespace {
+
+constexpr int64_t kInt4SmallRows = 6;  // from about 8 rows torch's kernel is as fast or faster (measured)
 
 // One linear as decoder.linear computes it: kind 0 a bfloat16 weight a [N, K] (bias added by the same
 // product); 1 int8 per channel (a codes, b scales); 2 int4 in torch's CPU layout (a packed, b scales and
@@ -352,10 +399,10 @@ at::Tensor linear_w(const at::Tensor& x, const at::Tensor& a, const at::Tensor& 
   if (kind == 0) return bias.numel() ? at::linear(x, a, bias) : at::linear(x, a);
   at::Tensor y;
   if (kind == 1) {
-    y = x.size(0) <= 4 ? int8_gemv(x, a, b) : at::_weight_int8pack_mm(x, a, b);
+    y = x.size(0) <= 16 ? int8_gemv(x, a, b) : at::_weight_int8pack_mm(x, a, b);
   } else {
-    if (x.size(0) == 1 && a.size(0) % 64 == 0 && int4_layout_matches()) {  // two rows: torch's is faster
-      y = int4_gemv(x, a, b, group, out_features);
+    if (kHasInt4Gemm && x.size(0) <= kInt4SmallRows && a.size(0) % 64 == 0 && int4_layout_matches()) {
+      y = int4_gemm_small(x, a, b, group, out_features);
     } else {
       y = at::_weight_int4pack_mm_for_cpu(x, a, group, b);
       if (y.size(1) != out_features) y = y.narrow(1, 0, out_features).contiguous();
@@ -403,7 +450,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of bfloat16 rows");
   m.def("add_rms_norm", &add_rms_norm, "residual add, then RMSNorm");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
-  m.def("int4_gemv", &int4_gemv, "int4 weight-only product for a few rows (torch's CPU layout)");
+  m.def("int4_gemm_small", &int4_gemm_small, "int4 weight-only product for up to 16 rows (torch's CPU layout)");
   m.def("int4_layout_matches", &int4_layout_matches, "whether torch's CPU int4 packing is the layout int4_gemv reads");
   m.def("int8_gemv", &int8_gemv, "int8 weight-only product for a few rows");
   m.def("decode_block", &decode_block, "the layers of one block for decode rows");
