@@ -219,3 +219,82 @@ def test_default_model_greedy_matches_torch(default_engines, bundled_prompts, po
     if policy != "none":
         assert [o.exit_layers for o in out] == [r.exit_layers for r in ref]
         assert any(d < 30 for r in ref for d in r.exit_layers)
+
+
+@pytest.fixture(scope="module")
+def tiny_int4_export(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export_int4") / "llama"
+    return export_model(
+        str(tiny_models["llama"]), [(0, 2), (2, 3), (3, 4)], 4, out, progress=False, weights_format="int4"
+    )
+
+
+def test_int4_export_writes_dequantizelinear_blocks(tiny_int4_export):
+    manifest = ExportManifest.load(tiny_int4_export.directory)
+    assert (manifest.weights, manifest.weight_group_size) == ("int4", 32)
+    graph = onnx.load(str(tiny_int4_export.directory / manifest.blocks[0].file)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("DequantizeLinear") == 8  # 4 products x 2 layers
+    uint4 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.UINT4]
+    assert len(uint4) == 16  # codes and zero points of each product
+    floats = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
+    assert len(floats) == 16 and all(i.name.endswith((".scale", ".zero")) for i in floats)  # no dense weights left
+
+
+def test_int4_blocks_compute_the_dequantized_products(tiny_models, tiny_int4_export):
+    """Each int4 block graph (ONNX Runtime) against the traced float32 module on the same de-quantized
+    weights: the DequantizeLinear + zero-term rewrite changes nothing but float32 rounding."""
+    import onnxruntime as ort
+
+    from offramp.model.loader import load_weights
+    from offramp_export.exporter import _block_sample_inputs
+    from offramp_export.graphs import BlockGraph
+    from offramp_export.int4_graph import dense_weights
+
+    quantized, _ = load_weights(tiny_models["llama"], torch.bfloat16, "int4", 32)
+    dense = dense_weights(quantized)
+    manifest = ExportManifest.load(tiny_int4_export.directory)
+    for entry in manifest.blocks:
+        module = BlockGraph(dense, entry.start, entry.end, 4)
+        inputs = _block_sample_inputs(dense, entry.end - entry.start, 4)
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as OrtBackend does
+        session = ort.InferenceSession(
+            str(tiny_int4_export.directory / entry.file), options, providers=["CPUExecutionProvider"]
+        )
+        feeds = {name: t.numpy() for name, t in zip(module.input_names(), inputs)}
+        got = session.run(None, feeds)
+        with torch.no_grad():
+            want = module(*inputs)
+        for g, w in zip(got, want):
+            assert np.abs(g - w.numpy()).max() <= 1e-4 * max(1.0, float(w.abs().max())), entry.file
+
+
+def test_int4_export_blocks_match_the_torch_int4_engine(tiny_models, tiny_int4_export):
+    """Block parity on the same packed weights: the ONNX Runtime engine on the int4 export (float32
+    activations) against the torch int4 engine (bfloat16 activations), one step of decodes, a prompt
+    chunk and redo rows over random K/V. Tolerance: 3 % of the block output's largest value (bfloat16
+    rounding of activations and K/V, carried through two layers)."""
+    common = dict(model=str(tiny_models["llama"]), page_size=4, num_pages=64, block_boundaries=(0, 2, 3))
+    ort_engine = LLMEngine(EngineConfig(backend="onnxruntime", export_dir=str(tiny_int4_export.directory), **common))
+    assert ExportManifest.load(tiny_int4_export.directory).weights == "int4"  # the engine kept the int4 export
+    torch_engine = LLMEngine(EngineConfig(dtype="bfloat16", weights="int4", **common))
+    gen = torch.Generator().manual_seed(0)
+    for store in torch_engine.kv.k + torch_engine.kv.v:
+        store.copy_(torch.randn(store.shape, generator=gen))
+    _copy_store(torch_engine, ort_engine)
+    slices = [
+        SeqSlice(9, 1, [1, 2, 3]),
+        SeqSlice(5, 1, [4, 5]),
+        SeqSlice(4, 6, [7, 8, 9]),
+        SeqSlice(8, 2, [10, 11, 12], redo=(3, 6)),
+    ]
+    meta = build_metadata(slices, 4, ort_engine.runner.cos, ort_engine.runner.sin)
+    meta_bf16 = build_metadata(slices, 4, torch_engine.runner.cos, torch_engine.runner.sin)
+    hidden = torch.randn(sum(s.num_rows for s in slices), 64, generator=gen)
+    with torch.inference_mode():
+        for b in range(ort_engine.backend.num_blocks):
+            out = ort_engine.backend.run_block(b, hidden.clone(), meta)
+            ref = torch_engine.backend.run_block(b, hidden.to(torch.bfloat16), meta_bf16).float()
+            assert (out - ref).abs().max().item() <= 0.03 * ref.abs().max().item(), f"block {b}"
+            hidden = out

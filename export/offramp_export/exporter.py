@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from offramp.blocks.manifest import BlockEntry, ExportManifest
 from offramp.model.decoder import ModelWeights
-from offramp.model.loader import load_weights, resolve_model
+from offramp.model.loader import load_weights, resolve_model, source_gguf
 from offramp_export.graphs import BlockGraph, EmbedGraph, HeadGraph
+from offramp_export.int4_graph import dense_weights, layer_int4, quantize_products
 
 EXPORTER_VERSION = "1"  # bump whenever the graphs change: older exports are then redone
 OPSET = 18
@@ -54,7 +55,13 @@ def _file_checksum(path: Path | None) -> str | None:
 
 
 def _up_to_date(
-    directory: Path, checksum: str, ranges: list[tuple[int, int]], page_size: int, head_sum: str | None
+    directory: Path,
+    checksum: str,
+    ranges: list[tuple[int, int]],
+    page_size: int,
+    head_sum: str | None,
+    weights: str = "none",
+    group_size: int | None = None,
 ) -> ExportManifest | None:
     try:
         manifest = ExportManifest.load(directory)
@@ -66,6 +73,8 @@ def _up_to_date(
         and manifest.block_ranges == ranges
         and manifest.page_size == page_size
         and manifest.exit_head_checksum == head_sum
+        and manifest.weights == weights
+        and manifest.weight_group_size == group_size
     )
     files = [b.file for b in manifest.blocks] + [manifest.embed, manifest.final_head, *manifest.exit_heads.values()]
     return manifest if same and all((directory / f).is_file() for f in files) else None
@@ -138,19 +147,32 @@ def export_model(
     exit_head: Path | None = None,
     force: bool = False,
     progress: bool = True,
+    weights_format: str = "none",
+    group_size: int = 32,
 ) -> ExportResult:
-    """Export ``model`` cut into ``block_ranges`` into ``output`` (reusing an up-to-date export)."""
+    """Export ``model`` cut into ``block_ranges`` into ``output`` (reusing an up-to-date export). With
+    ``weights_format="int4"`` the blocks' products are weight-only int4 (``int4_graph``): the engine's own
+    int4 weights (a GGUF's 4-bit blocks as stored), so the graphs compute what the torch int4 engine does,
+    in float32 activations; the embedding and heads stay float32."""
+    if weights_format not in ("none", "int4"):
+        raise ValueError(f"weights: {weights_format!r}: export writes none (float32) or int4")
     t0 = time.perf_counter()
     output = Path(output)
     checkpoint = resolve_model(model)
     checksum = checkpoint_checksum(checkpoint)
     head_sum = _file_checksum(exit_head)
+    group = group_size if weights_format == "int4" else None
     if not force:
-        manifest = _up_to_date(output, checksum, block_ranges, page_size, head_sum)
+        manifest = _up_to_date(output, checksum, block_ranges, page_size, head_sum, weights_format, group)
         if manifest is not None:
             return ExportResult(output, manifest, True, time.perf_counter() - t0)
 
-    weights, _ = load_weights(checkpoint, torch.float32)
+    quantized = None
+    if weights_format == "int4":
+        quantized, _ = load_weights(checkpoint, torch.bfloat16, "int4", group_size, source_gguf(model))
+        weights = dense_weights(quantized)
+    else:
+        weights, _ = load_weights(checkpoint, torch.float32)
     shape = weights.shape
     if block_ranges[-1][1] != shape.num_layers:
         raise ValueError(f"block layout {block_ranges} does not cover the model's {shape.num_layers} layers")
@@ -173,6 +195,11 @@ def export_model(
                 graph.output_names(),
                 axes,
             )
+            if quantized is not None:
+                graph_proto = onnx.load(str(tmp / name))
+                quantize_products(graph_proto, layer_int4(quantized.layers[start:end]))
+                onnx.save(graph_proto, str(tmp / name))
+                onnx.checker.check_model(str(tmp / name))
             blocks.append(BlockEntry(name, start, end))
             bar.update()
         row_axes = {"token_ids": {0: "num_rows"}, "hidden": {0: "num_rows"}, "logits": {0: "num_rows"}}
@@ -212,6 +239,8 @@ def export_model(
             exit_head_checksum=head_sum,
             dynamic_axes={name: {str(k): v for k, v in ax.items()} for name, ax in {**axes, **row_axes}.items()},
             tokenizer_files=copied,
+            weights=weights_format,
+            weight_group_size=group,
         )
         old = output / "manifest.json"
         if old.exists():

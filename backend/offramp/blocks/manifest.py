@@ -35,6 +35,8 @@ class ExportManifest:
     exit_head_checksum: str | None = None  # sha256 of the shortcut file the exit heads came from
     dynamic_axes: dict[str, dict[str, str]] = field(default_factory=dict)  # input/output -> {axis: name}
     tokenizer_files: list[str] = field(default_factory=list)
+    weights: str = "none"  # "int4": the blocks' products are weight-only int4 (DequantizeLinear + MatMul)
+    weight_group_size: int | None = None
     format_version: int = FORMAT_VERSION
 
     @property

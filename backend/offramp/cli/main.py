@@ -127,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(exp, EngineConfig, only=EXPORT_FIELDS)
     exp.add_argument("--output", default="model_repository/offramp/1/export", help="export directory")
     exp.add_argument("--force", action="store_true", help="re-export even when an up-to-date export is there")
+    exp.add_argument(
+        "--weights",
+        dest="export_weights",
+        choices=("none", "int4"),
+        default="none",
+        help="int4: the blocks' products as weight-only int4 (DequantizeLinear + MatMul, opset 21; the engine's own "
+        "int4 weights, a GGUF's 4-bit blocks as stored); run them with --backend onnxruntime --export-dir",
+    )
+    exp.add_argument(
+        "--weight-group-size",
+        dest="export_group_size",
+        type=int,
+        choices=(32, 64, 128),
+        default=32,
+        help="int4: input columns sharing one scale and zero",
+    )
     exp.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (NVIDIA GPU + tensorrt)")
 
     serve = sub.add_parser("serve", help="run tritonserver with the Offramp model repository")

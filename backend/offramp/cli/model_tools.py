@@ -22,7 +22,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     num_layers = model_shape(load_config(resolve_model(config.model))).num_layers
     exit_head = Path(args.exit_head) if args.exit_head else None
     result = export_model(
-        config.model, config.block_ranges(num_layers), config.page_size, Path(args.output), exit_head, args.force
+        config.model,
+        config.block_ranges(num_layers),
+        config.page_size,
+        Path(args.output),
+        exit_head,
+        args.force,
+        weights_format=args.export_weights,
+        group_size=args.export_group_size,
     )
     summary = {
         "directory": str(result.directory),
@@ -31,6 +38,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "blocks": len(result.manifest.blocks),
         "exit_heads": sorted(result.manifest.exit_heads),
         "bytes": sum(p.stat().st_size for p in result.directory.rglob("*") if p.is_file()),
+        "weights": result.manifest.weights,
     }
     if args.tensorrt:
         from offramp_export.tensorrt_build import TensorRTUnavailable, build_engines

@@ -43,10 +43,31 @@ def prepare_export(
             check_tensorrt()  # before exporting: fail fast where TensorRT cannot run
         export_dir = Path(config.export_dir) if config.export_dir else default_export_dir(checkpoint, config)
         exit_head = Path(config.exit_head) if config.exit_head else None
-        result = export_model(config.model, block_ranges, config.page_size, export_dir, exit_head)
+        weights_format, group_size = _export_weights(export_dir) if config.export_dir else ("none", 32)
+        result = export_model(
+            config.model,
+            block_ranges,
+            config.page_size,
+            export_dir,
+            exit_head,
+            weights_format=weights_format,
+            group_size=group_size,
+        )
         if config.backend == "tensorrt":
             limits = ProfileLimits(config.max_num_seqs, config.max_num_batched_tokens, max_model_len, num_kv_slots)
             build_engines(result.directory, config.trt_precision, limits, num_kv_heads)
     except TensorRTUnavailable as exc:
         raise ValueError(f"backend tensorrt: {exc}; use backend onnxruntime or torch on this machine") from None
     return result.directory
+
+
+def _export_weights(export_dir: Path) -> tuple[str, int]:
+    """The weight format of an export the user names (``offramp export --weights int4``), kept when it is
+    brought up to date; float32 where there is none yet."""
+    from offramp.blocks.manifest import ExportManifest
+
+    try:
+        manifest = ExportManifest.load(export_dir)
+    except ValueError:
+        return "none", 32
+    return manifest.weights, manifest.weight_group_size or 32
