@@ -101,6 +101,7 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
               "slots, pages and lens must be long tensors");
   TORCH_CHECK(hd % 2 == 0 && nh % nkv == 0, "head_dim must be even and heads a multiple of kv heads");
   TORCH_CHECK(page_size > 0 && (page_size & (page_size - 1)) == 0, "page_size must be a power of two");
+  TORCH_CHECK(hd <= 512, "head_dim above 512");
   int64_t page_shift = 0;
   while ((int64_t{1} << page_shift) < page_size) ++page_shift;
   auto pages_c = pages.contiguous();
@@ -147,61 +148,93 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
   const int64_t group = nh / nkv;  // query heads per kv head (head h reads kv head h / group)
   const uint16_t* kbits = reinterpret_cast<const uint16_t*>(kp);
   const uint16_t* vbits = reinterpret_cast<const uint16_t*>(vp);
-  // An item is one row's kv head and the query heads that read it (each K/V row is loaded once for all
-  // of them; splitting the query heads over more items, for balance at one row, measured slower)
-  const int64_t splits = 1, per = group;
-  at::parallel_for(0, n * nkv * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> score, row(hd), acc(per * hd);
+  // An item is one row's kv head, all query heads that read it (each K/V row is loaded once for all
+  // of them), and a slice of the row's context: with fewer (row, kv head) pairs than twice the threads
+  // (one request: 3 pairs on 2 threads) the context is split so the threads share the work evenly, and
+  // the slices' partial softmax sums are merged after (max, sum of exp, weighted V sum per slice).
+  const int64_t threads = at::get_num_threads();
+  int64_t splits = 1;
+  while (n * nkv * splits < 2 * threads && splits < 8) splits *= 2;
+  const int64_t items = n * nkv * splits;
+  std::vector<float> part_max(items * group), part_sum(items * group), part_acc(items * group * hd);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score, row(hd);
     float* f = row.data();
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / (nkv * splits), kvh = (item / splits) % nkv, first = kvh * group + (item % splits) * per;
-      const int64_t ctx = len[r];
-      const float* qg = q.data() + (r * nh + first) * hd;  // [per, hd]
+      const int64_t pair = item / splits, slice = item % splits, r = pair / nkv, kvh = pair % nkv;
+      const int64_t ctx = len[r], lo = ctx * slice / splits, hi = ctx * (slice + 1) / splits, span = hi - lo;
+      const float* qg = q.data() + (r * nh + kvh * group) * hd;  // [group, hd]
       const int64_t* table = page + r * max_pages;
       // slot of position p; page_size is a power of two (checked), so no division per position
       auto slot_of = [&](int64_t p) { return table[p >> page_shift] * page_size + (p & (page_size - 1)); };
-      score.resize(per * ctx);
-      for (int64_t p = 0; p < ctx; ++p) {
+      float* pm = part_max.data() + item * group;
+      float* ps = part_sum.data() + item * group;
+      float* pa = part_acc.data() + item * group * hd;
+      std::fill(pa, pa + group * hd, 0.f);
+      if (span == 0) {
+        std::fill(pm, pm + group, -INFINITY);
+        std::fill(ps, ps + group, 0.f);
+        continue;
+      }
+      score.resize(group * span);
+      for (int64_t p = lo; p < hi; ++p) {
         const uint16_t* k = kbits + slot_of(p) * kv_row + kvh * hd;
 #pragma omp simd
         for (int64_t d = 0; d < hd; ++d) f[d] = bits_to_f(k[d]);
-        for (int64_t g = 0; g < per; ++g) {
+        for (int64_t g = 0; g < group; ++g) {
           const float* qv = qg + g * hd;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
           for (int64_t d = 0; d < hd; ++d) dot += qv[d] * f[d];
-          score[g * ctx + p] = dot * scale;
+          score[g * span + p - lo] = dot * scale;
         }
       }
-      for (int64_t g = 0; g < per; ++g) {
-        float* sc = score.data() + g * ctx;
+      for (int64_t g = 0; g < group; ++g) {
+        float* sc = score.data() + g * span;
         float mx = -INFINITY, total = 0.f;
-        for (int64_t p = 0; p < ctx; ++p) mx = std::max(mx, sc[p]);
-        for (int64_t p = 0; p < ctx; ++p) {
+        for (int64_t p = 0; p < span; ++p) mx = std::max(mx, sc[p]);
+        for (int64_t p = 0; p < span; ++p) {
           sc[p] = std::exp(sc[p] - mx);
           total += sc[p];
         }
-        const float inv = 1.f / total;
-        for (int64_t p = 0; p < ctx; ++p) sc[p] *= inv;
+        pm[g] = mx;
+        ps[g] = total;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p = 0; p < ctx; ++p) {
+      for (int64_t p = lo; p < hi; ++p) {
         const uint16_t* v = vbits + slot_of(p) * kv_row + kvh * hd;
 #pragma omp simd
         for (int64_t d = 0; d < hd; ++d) f[d] = bits_to_f(v[d]);
-        for (int64_t g = 0; g < per; ++g) {
-          float* a = acc.data() + g * hd;
-          const float w = score[g * ctx + p];
+        for (int64_t g = 0; g < group; ++g) {
+          float* a = pa + g * hd;
+          const float w = score[g * span + p - lo];
 #pragma omp simd
           for (int64_t d = 0; d < hd; ++d) a[d] += w * f[d];
         }
       }
-      for (int64_t g = 0; g < per; ++g) {
-        bf16* dst = op + r * nh * hd + (first + g) * hd;
-        for (int64_t d = 0; d < hd; ++d) dst[d] = bf16(acc[g * hd + d]);
-      }
     }
   });
+  // merge the slices: softmax over the whole context = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c
+  for (int64_t pair = 0; pair < n * nkv; ++pair) {
+    const int64_t r = pair / nkv, kvh = pair % nkv;
+    for (int64_t g = 0; g < group; ++g) {
+      float mx = -INFINITY;
+      for (int64_t c = 0; c < splits; ++c) mx = std::max(mx, part_max[(pair * splits + c) * group + g]);
+      float total = 0.f;
+      float acc[512];  // hd <= 512, checked above
+      std::fill(acc, acc + hd, 0.f);
+      for (int64_t c = 0; c < splits; ++c) {
+        const int64_t item = pair * splits + c;
+        if (part_sum[item * group + g] == 0.f) continue;
+        const float w = std::exp(part_max[item * group + g] - mx);
+        total += w * part_sum[item * group + g];
+        const float* pa = part_acc.data() + (item * group + g) * hd;
+        for (int64_t d = 0; d < hd; ++d) acc[d] += w * pa[d];
+      }
+      const float inv = 1.f / total;
+      bf16* dst = op + r * nh * hd + (kvh * group + g) * hd;
+      for (int64_t d = 0; d < hd; ++d) dst[d] = bf16(acc[d] * inv);
+    }
+  }
   return out;
 }
 
