@@ -100,12 +100,17 @@ def server_command(
     ]
 
 
+def _engine_json(repo: Path) -> dict:
+    """The served model's own settings (``offramp/1/engine.json``), before command-line overrides."""
+    return json.loads((repo / "offramp" / "1" / "engine.json").read_text(encoding="utf-8"))
+
+
 def fast_format(repo: Path, overrides: dict) -> dict:
     """``FAST_FORMAT`` when the served model is the default one and nothing on the command line
     chose a format (or a backend, device or placement int4 does not run on); else nothing."""
     model = overrides.get("model")
     if model is None:
-        model = json.loads((repo / "offramp" / "1" / "engine.json").read_text(encoding="utf-8")).get("model")
+        model = _engine_json(repo).get("model")
     if model != "default" or any(key in overrides for key in FORMAT_KEYS):
         return {}
     print(
@@ -119,8 +124,7 @@ def fast_format(repo: Path, overrides: dict) -> dict:
 def prebuild_kernels(repo: Path, overrides: dict) -> None:
     """Build the fused CPU decode kernels here, once, before the model instances start (they load the
     cached build): a bfloat16 model would otherwise compile them inside Triton's model loading."""
-    engine = json.loads((repo / "offramp" / "1" / "engine.json").read_text(encoding="utf-8"))
-    if overrides.get("dtype", engine.get("dtype")) == "bfloat16" and overrides.get("fused_decode", True):
+    if overrides.get("dtype", _engine_json(repo).get("dtype")) == "bfloat16" and overrides.get("fused_decode", True):
         from offramp.model import fused
 
         fused.kernels()

@@ -302,7 +302,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return out;
 }
 
-// Does torch's CPU int4 packing on this machine use the layout int4_gemv reads? Blocks of 64 output
+// Does torch's CPU int4 packing on this machine use the layout int4_gemm_small reads? Blocks of 64 output
 // rows; per block and input column k, 32 bytes: byte d holds row d (low nibble) and row d + 32 (high).
 // The layout follows the CPU's vector width, so it is checked once by packing a known matrix.
 bool int4_layout_matches() {
@@ -480,12 +480,8 @@ at::Tensor decode_block(const at::Tensor& hidden, const std::vector<at::Tensor>&
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm of bfloat16 rows");
-  m.def("add_rms_norm", &add_rms_norm, "residual add, then RMSNorm");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("int4_gemm_small", &int4_gemm_small, "int4 weight-only product for up to 16 rows (torch's CPU layout)");
-  m.def("int4_layout_matches", &int4_layout_matches, "whether torch's CPU int4 packing is the layout int4_gemv reads");
+  m.def("int4_layout_matches", &int4_layout_matches, "whether torch's CPU int4 packing is the layout int4_gemm_small reads");
   m.def("int8_gemv", &int8_gemv, "int8 weight-only product for a few rows");
-  m.def("decode_block", &decode_block, "the layers of one block for decode rows");
-  m.def("rope_attend", &rope_attend, "RoPE, K/V write and paged attention for a few rows per sequence");
+  m.def("decode_block", &decode_block, "the layers of one block for rows rope_attend takes");
 }
