@@ -151,21 +151,48 @@ def test_small_batch_int8_product_matches_torchs_kernel(ops, rows):
     assert (ours == ref).float().mean() > 0.95
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 6])
-def test_small_int4_product_is_torchs_kernel(ops, rows):
-    """int4_gemm_small reads torch's CPU packing (checked on this machine) and gives torch's kernel's result
-    within float32 summation order (bit for bit at one row here), and the exact product within the
-    rounding of scales and zeros to bfloat16."""
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 45])
+def test_int4_product_is_torchs_kernel(ops, rows):
+    """int4_mm reads torch's CPU packing (checked on this machine) and gives torch's kernel's result within
+    float32 summation order, and the exact product within the rounding of scales and zeros to bfloat16.
+    Rows up to 6 unpack the weights in registers, more rows from a buffer (7, 16, 45: tiles of 6 and a rest)."""
     from offramp.model.quant import int4_weight, nibbles, quantize_int4
 
-    if not ops.int4_layout_matches():  # torch packs for the CPU's vector width; the engine then keeps its kernel
-        pytest.skip("torch's int4 packing on this CPU is not the AVX-512 layout int4_gemm_small reads")
+    if not ops.int4_mm_available():  # torch packs for the CPU's vector width; the engine then keeps its kernel
+        pytest.skip("int4_mm does not run here (no AVX512-BF16, or torch's int4 packing is not the AVX-512 one)")
     gen = torch.Generator().manual_seed(0)
     codes = quantize_int4(torch.randn(192, 128, generator=gen), 32)  # three blocks of 64 rows
     w = int4_weight(nibbles(codes.codes), codes.scale_zero(), 32)
     x = torch.randn(rows, 128, generator=gen).to(torch.bfloat16)
-    ours = ops.int4_gemm_small(x, w.packed, w.scale_zero, 32, w.out_features)
+    ours = ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features)
     assert ours.shape == (rows, 192)
-    torch.testing.assert_close(ours.float(), w.matmul(x).float(), rtol=1 / 128, atol=1e-2)
+    ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zero)
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1 / 128, atol=1e-2)
     exact = x.float() @ codes.dequantize().T  # [rows, 192]: scales and zeros as held (before bfloat16)
     torch.testing.assert_close(ours.float(), exact, rtol=0.02, atol=0.05 * exact.abs().max().item())
+    # batch invariance: a row's result does not depend on the rows beside it (same sums at any batch size)
+    alone = torch.cat([ops.int4_mm(x[i : i + 1], w.packed, w.scale_zero, 32, w.out_features) for i in range(rows)])
+    assert torch.equal(alone, ours)
+
+
+def test_int4_product_group_sizes(ops):
+    """Group sizes 64 and 128; a weight whose packed rows are not whole blocks of 64 keeps torch's kernel."""
+    from offramp.model.quant import int4_weight, nibbles, quantize_int4
+
+    if not ops.int4_mm_available():
+        pytest.skip("int4_mm does not run here")
+    gen = torch.Generator().manual_seed(1)
+    for group in (64, 128):
+        codes = quantize_int4(torch.randn(128, 256, generator=gen), group)
+        w = int4_weight(nibbles(codes.codes), codes.scale_zero(), group)
+        x = torch.randn(9, 256, generator=gen).to(torch.bfloat16)
+        ours = ops.int4_mm(x, w.packed, w.scale_zero, group, w.out_features)
+        exact = x.float() @ codes.dequantize().T  # [9, 128]
+        torch.testing.assert_close(ours.float(), exact, rtol=0.02, atol=0.05 * exact.abs().max().item())
+    codes = quantize_int4(torch.randn(100, 256, generator=gen), 32)  # packed as 112 rows: not whole blocks
+    w = int4_weight(nibbles(codes.codes), codes.scale_zero(), 32)
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="unsupported shape"):
+        ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features)
+    exact = x.float() @ codes.dequantize().T  # [3, 100]
+    torch.testing.assert_close(w.matmul(x).float(), exact, rtol=0.02, atol=0.05 * exact.abs().max().item())

@@ -8,7 +8,8 @@ rows; not prompt chunks), ``decode_layers`` runs a block's layers in one call of
 RMSNorm, RoPE + K/V write + paged attention, residual add + RMSNorm, SiLU x up. It rounds to
 bfloat16 where the eager ops do, so it matches ``decoder.decoder_layer`` up to the order of float32
 sums (tested). Everything else (float32, prompt chunks, CUDA) stays eager. The
-int8 products of up to 16 rows (the LM head) use the extension's ``int8_gemv`` (torch's kernel is slower).
+int8 products of up to 16 rows (the LM head) use the extension's ``int8_gemv``, and int4 products of any
+number of rows (prompt chunks too) its ``int4_mm``: torch's kernels are slower there.
 
 The kernels are compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; about a
 minute, cached under torch's extension directory). Without a compiler the engine says so once and
@@ -45,7 +46,10 @@ def kernels() -> ModuleType | None:
         if "ops" not in _state and "error" not in _state:
             try:
                 _state["ops"] = _build()
-                quant.SMALL_BATCH_INT8[0] = _state["ops"].int8_gemv
+                if _state["ops"].int8_gemv_fast():
+                    quant.SMALL_BATCH_INT8[0] = _state["ops"].int8_gemv
+                if _state["ops"].int4_mm_available():
+                    quant.INT4_MM[0] = _state["ops"].int4_mm
             except Exception as exc:  # no compiler, no ninja, a failed build: eager decode still works
                 lines = str(exc).strip().splitlines() or [""]
                 _state["error"] = f"{type(exc).__name__}: {lines[-1]}"

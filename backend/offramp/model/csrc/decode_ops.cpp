@@ -11,6 +11,13 @@
 #include <cstring>
 #include <vector>
 
+// The product kernels need AVX-512 with bfloat16 dot products (vdpbf16ps); elsewhere torch's run.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define OFFRAMP_DP 1
+#else
+#define OFFRAMP_DP 0
+#endif
+
 namespace {
 
 using bf16 = at::BFloat16;
@@ -238,32 +245,71 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
   return out;
 }
 
-// Dot products of R float32 activation rows (stride k) with one int8 weight row, into out[R]. One
-// weight row at a time keeps the weights one sequential stream: measured 3x faster than four rows
-// interleaved, which the hardware prefetchers follow badly (28 MB LM head, one row: 0.9 ms against
-// 2.7 ms on two threads); each 32 weights are converted once for all R rows.
+#if OFFRAMP_DP
+// Dot products of R bfloat16 activation rows (stride k) with one int8 weight row, into out[R]: each 32
+// weights become bfloat16 once (exact: integers below 256) for all R rows, one vdpbf16ps per row. One
+// weight row at a time keeps the weights one sequential stream (four rows interleaved ran at a third of
+// the speed: the hardware prefetchers follow them badly), and all rows in one pass read it once.
 template <int R>
-void dot_int8(const float* x, int64_t k, const int8_t* w, float* out) {
+void dot_int8(const bf16* x, int64_t k, const int8_t* w, float* out) {
+  constexpr int U = R <= 4 ? 2 : 1;  // few rows: two sums per row so that the dot products do not wait on each other
+  __m512 acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
   int64_t j = 0;
-  for (int r = 0; r < R; ++r) out[r] = 0.f;
-#if defined(__AVX512F__)
-  __m512 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (; j + 32 * U <= k; j += 32 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j + 32 * u));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
+      const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);  // weights j + 32 u .. + 31 in order
+      for (int r = 0; r < R; ++r)
+        acc[r][u] = _mm512_dpbf16_ps(acc[r][u], wv, (__m512bh)_mm512_loadu_si512(x + r * k + j + 32 * u));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 sum = acc[r][0];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[r][u]);
+    out[r] = _mm512_reduce_add_ps(sum);
+  }
+  for (; j < k; ++j)
+    for (int r = 0; r < R; ++r) out[r] += to_f(x[r * k + j]) * static_cast<float>(w[j]);
+}
+
+// One float32 activation row with one int8 weight row: for a single row, float32 FMAs on the converted
+// weights are faster than converting them further to bfloat16 pairs (measured).
+inline float dot_int8_one(const float* x, int64_t k, const int8_t* w) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   auto wv = [&](int64_t at) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + at))));
   };
+  int64_t j = 0;
   for (; j + 32 <= k; j += 32) {
-    const __m512 w0 = wv(j), w1 = wv(j + 16);
-    for (int r = 0; r < R; ++r) {
-      a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j), w0, a0[r]);
-      a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j + 16), w1, a1[r]);
-    }
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), wv(j), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), wv(j + 16), a1);
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
-#endif
-  for (; j < k; ++j)
-    for (int r = 0; r < R; ++r) out[r] += x[r * k + j] * static_cast<float>(w[j]);
+  float out = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  for (; j < k; ++j) out += x[j] * static_cast<float>(w[j]);
+  return out;
 }
+
+template <int R>
+void dot_int8_dispatch(int64_t rows, const bf16* x, int64_t k, const int8_t* w, float* out) {
+  if constexpr (R > 1) {
+    if (rows < R) return dot_int8_dispatch<R - 1>(rows, x, k, w, out);
+  }
+  dot_int8<R>(x, k, w, out);
+}
+#else
+template <int R>
+void dot_int8_dispatch(int64_t rows, const bf16* x, int64_t k, const int8_t* w, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < k; ++j) acc += to_f(x[r * k + j]) * static_cast<float>(w[j]);
+    out[r] = acc;
+  }
+}
+#endif
 
 // y = (x @ q.T) * scale for a few rows x [m, K] bfloat16 and int8 weights q [N, K] with one bfloat16
 // scale per row (what torch's _weight_int8pack_mm computes); for up to 16 rows (a decode step's LM
@@ -273,36 +319,31 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   check_bf16(scale, "scale");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1), "q: int8 [N, K]");
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
-  TORCH_CHECK(m <= 16, "int8_gemv: at most 16 rows");
-  std::vector<float> xf(m * k);
+  TORCH_CHECK(m >= 1 && m <= 16, "int8_gemv: 1 to 16 rows");
   const bf16* xp = x.data_ptr<bf16>();
-  for (int64_t i = 0; i < m * k; ++i) xf[i] = to_f(xp[i]);
+  std::vector<float> x1(m == 1 ? k : 0);  // one row: float32 (see dot_int8_one)
+  for (int64_t j = 0; j < static_cast<int64_t>(x1.size()); ++j) x1[j] = to_f(xp[j]);
   auto out = at::empty({m, n}, x.options());
   bf16* op = out.data_ptr<bf16>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const bf16* sp = scale.data_ptr<bf16>();
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    float acc[4];
+    float acc[16];
     for (int64_t row = begin; row < end; ++row) {
-      const int8_t* w = qp + row * k;
+#if OFFRAMP_DP
+      if (m == 1)
+        acc[0] = dot_int8_one(x1.data(), k, qp + row * k);
+      else
+#endif
+        dot_int8_dispatch<16>(m, xp, k, qp + row * k, acc);
       const float s = to_f(sp[row]);
-      for (int64_t i = 0; i < m; i += 4) {  // up to four activation rows per pass over the weight row
-        const float* xv = xf.data() + i * k;
-        const int64_t r = std::min<int64_t>(4, m - i);
-        switch (r) {
-          case 1: dot_int8<1>(xv, k, w, acc); break;
-          case 2: dot_int8<2>(xv, k, w, acc); break;
-          case 3: dot_int8<3>(xv, k, w, acc); break;
-          default: dot_int8<4>(xv, k, w, acc); break;
-        }
-        for (int64_t j = 0; j < r; ++j) op[(i + j) * n + row] = bf16(acc[j] * s);
-      }
+      for (int64_t j = 0; j < m; ++j) op[j * n + row] = bf16(acc[j] * s);
     }
   });
   return out;
 }
 
-// Does torch's CPU int4 packing on this machine use the layout int4_gemm_small reads? Blocks of 64 output
+// Does torch's CPU int4 packing on this machine use the layout int4_mm reads? Blocks of 64 output
 // rows; per block and input column k, 32 bytes: byte d holds row d (low nibble) and row d + 32 (high).
 // The layout follows the CPU's vector width, so it is checked once by packing a known matrix.
 bool int4_layout_matches() {
@@ -323,106 +364,174 @@ bool int4_layout_matches() {
   return ok;
 }
 
-#if defined(__AVX512F__)
-// R activation rows (stride k) against one block of 64 int4 rows: y [R][64] += x @ w.T. The weights of
-// each input column are unpacked once for all R rows; scales and zeros are applied per group in vectors
-// (a pair (scale, zero) of bfloat16 is one 32-bit lane: scale = lane << 16, zero = lane & 0xffff0000).
+#if OFFRAMP_DP
+// The int4 product as bfloat16 dot products (vdpbf16ps: each float32 lane adds a[2i] b[2i] + a[2i+1] b[2i+1]).
+// A pair of input columns (k, k + 1) of one block's 64 rows unpacks to four vectors whose 32-bit lane i
+// holds (q - 8) of row 16 j + i at k and at k + 1 as bfloat16 (exact: small integers; the lookup is one
+// vpermw on the code), and one broadcast of the pair x[r, k:k + 2] multiplies them for 64 rows at once:
+// per weight, one instruction serves two input columns, against one FMA per column from float32.
+// Per group of input columns the sums are scaled: y += s * sum x (q - 8) + z * sum x.
+
+inline void unpack_pair(const uint8_t* bk, const __m512i table, __m512i w[4]) {  // bk: column k's 32 bytes
+  const __m512i nib = _mm512_set1_epi32(0x000F000F);
+  for (int h = 0; h < 2; ++h) {  // bytes 16 h .. 16 h + 15: rows 16 h + i (low nibble), 32 + 16 h + i (high)
+    const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bk + 16 * h)));
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bk + 32 + 16 * h)));
+    const __m512i v = _mm512_or_si512(a, _mm512_slli_epi32(b, 16));  // lane: byte at k | byte at k + 1 << 16
+    w[h] = _mm512_permutexvar_epi16(_mm512_and_si512(v, nib), table);
+    w[2 + h] = _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 4), nib), table);
+  }
+}
+
+inline __m512 bcast_pair(const bf16* x) {  // x[0], x[1] in every 32-bit lane
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof pair);
+  return _mm512_castsi512_ps(_mm512_set1_epi32(pair));
+}
+
+// R rows (stride k) of one group (columns k0 .. k0 + 2 pairs) against the group's unpacked pairs wbuf
+// [pairs][4], then y [R][64] += s * acc + z * xs. With wbuf null, the pairs are unpacked here from block.
 template <int R>
-void int4_block_rows(const float* x, int64_t k, const float* xsum, int64_t groups, int64_t group, const uint8_t* block,
-                     const bf16* sz, int64_t n_pad, float* y) {
-  const __m512i low = _mm512_set1_epi32(15), high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-    for (int64_t kk = g * group; kk < (g + 1) * group; ++kk) {
-      const uint8_t* b = block + kk * 32;
-      const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-      const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
-      const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(b0, low)), _mm512_cvtepi32_ps(_mm512_and_si512(b1, low)),
-                           _mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4))};
-      for (int r = 0; r < R; ++r) {
-        const __m512 xk = _mm512_set1_ps(x[r * k + kk]);
-        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(xk, w[j], acc[r][j]);
-      }
+void int4_group_rows(const bf16* x, int64_t k, int64_t k0, int64_t pairs, const __m512i* wbuf, const uint8_t* block,
+                     const __m512i table, const __m512 s[4], const __m512 z[4], const float* xs, int64_t xs_stride,
+                     float* y) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i w[4];
+    if (wbuf) {
+      for (int j = 0; j < 4; ++j) w[j] = _mm512_load_si512(wbuf + 4 * p + j);
+    } else {
+      unpack_pair(block + (k0 + 2 * p) * 32, table, w);
     }
-    const int32_t* lanes = reinterpret_cast<const int32_t*>(sz + g * n_pad * 2);  // (scale, zero) per row
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xp = (__m512bh)bcast_pair(x + r * k + k0 + 2 * p);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)w[j], xp);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 xsum = _mm512_set1_ps(xs[r * xs_stride]);
     for (int j = 0; j < 4; ++j) {
-      const __m512i pair = _mm512_loadu_si512(lanes + j * 16);
-      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, high_half));
-      for (int r = 0; r < R; ++r) {
-        const __m512 xs = _mm512_set1_ps(xsum[r * groups + g]);
-        __m512 out = _mm512_loadu_ps(y + r * 64 + j * 16);
-        // s (acc - 8 xs) + z xs
-        out = _mm512_fmadd_ps(scale, _mm512_fnmadd_ps(_mm512_set1_ps(8.f), xs, acc[r][j]), out);
-        out = _mm512_fmadd_ps(zero, xs, out);
-        _mm512_storeu_ps(y + r * 64 + j * 16, out);
-      }
+      __m512 out = _mm512_fmadd_ps(s[j], acc[r][j], _mm512_loadu_ps(y + r * 64 + j * 16));
+      _mm512_storeu_ps(y + r * 64 + j * 16, _mm512_fmadd_ps(z[j], xsum, out));
     }
   }
 }
 
-// y = x @ w.T for up to 16 rows x [m, K] bfloat16 and int4 weights in torch's CPU layout (packed
-// [N_pad, K / 2], scale_zero [K / group, N_pad, 2]: w = (q - 8) * scale + zero), N_pad a multiple of 64.
-// One block of 64 output rows at a time: its bytes are one sequential stream, unpacked once per input
-// column for up to four activation rows (torch's kernel reads them at about half the speed for one row
-// and costs 3x more from four rows on).
-at::Tensor int4_gemm_small(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group,
-                           int64_t out_features) {
+template <int R>
+void int4_group_dispatch(int64_t rows, const bf16* x, int64_t k, int64_t k0, int64_t pairs, const __m512i* wbuf,
+                         const uint8_t* block, const __m512i table, const __m512 s[4], const __m512 z[4],
+                         const float* xs, int64_t xs_stride, float* y) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      int4_group_dispatch<R - 1>(rows, x, k, k0, pairs, wbuf, block, table, s, z, xs, xs_stride, y);
+      return;
+    }
+  }
+  int4_group_rows<R>(x, k, k0, pairs, wbuf, block, table, s, z, xs, xs_stride, y);
+}
+
+#ifdef OFFRAMP_NO_PREFETCH
+constexpr bool kPrefetch = false;
+#else
+constexpr bool kPrefetch = true;
+#endif
+#ifndef PF_BYTES
+#define PF_BYTES 2048
+#endif
+#ifndef PF_GROUPS
+#define PF_GROUPS 2
+#endif
+constexpr int64_t kPrefetchBytes = PF_BYTES, kPrefetchGroups = PF_GROUPS;
+constexpr int64_t kRowTile = 6;  // 24 accumulators + 4 weight vectors + the broadcast fit the 32 registers
+
+// y = x @ w.T for x [m, K] bfloat16 (any m) and int4 weights in torch's CPU layout (packed [N_pad, K / 2],
+// scale_zero [K / group, N_pad, 2]: w = (q - 8) * scale + zero), N_pad a multiple of 64. One block of 64
+// output rows at a time: its bytes are one sequential stream. Up to kRowTile rows unpack each column pair
+// in registers; more rows unpack a group's pairs once into a buffer that every tile of rows reads.
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group,
+                   int64_t out_features) {
   check_bf16(x, "x");
   check_bf16(scale_zero, "scale_zero");
   const int64_t m = x.size(0), k = x.size(1), n_pad = packed.size(0);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == k,
               "packed: uint8 [N_pad, K / 2]");
-  TORCH_CHECK(n_pad % 64 == 0 && k % group == 0 && m >= 1 && m <= 16 && out_features <= n_pad,
-              "int4_gemm_small: unsupported shape");
+  TORCH_CHECK(n_pad % 64 == 0 && group % 2 == 0 && k % group == 0 && m >= 1 && out_features <= n_pad,
+              "int4_mm: unsupported shape");
   TORCH_CHECK(scale_zero.size(0) == k / group && scale_zero.size(1) == n_pad, "scale_zero: [K / group, N_pad, 2]");
-  const int64_t groups = k / group;
-  std::vector<float> xf(m * k), xsum(m * groups, 0.f);
+  const int64_t groups = k / group, pairs = group / 2;
   const bf16* xp = x.data_ptr<bf16>();
-  for (int64_t i = 0; i < m * k; ++i) xf[i] = to_f(xp[i]);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < k; ++j) xsum[i * groups + j / group] += xf[i * k + j];
+  std::vector<float> xsum(m * groups, 0.f);  // [m, groups]
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t j = 0; j < k; ++j) xsum[i * groups + j / group] += to_f(xp[i * k + j]);
+  });
+  uint16_t lut[32] = {};
+  for (int q = 0; q < 16; ++q) lut[q] = bf16(static_cast<float>(q - 8)).x;
+  const __m512i table = _mm512_loadu_si512(lut);
   auto out = at::empty({m, out_features}, x.options());
   bf16* op = out.data_ptr<bf16>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const bf16* szp = scale_zero.data_ptr<bf16>();
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   at::parallel_for(0, n_pad / 64, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> y(m * 64);
+    std::vector<__m512i> wbuf(m > kRowTile ? pairs * 4 : 0);
     for (int64_t nb = begin; nb < end; ++nb) {
       std::fill(y.begin(), y.end(), 0.f);
       const uint8_t* block = pp + nb * 64 * (k / 2);  // [K][32] bytes
-      const bf16* sz = szp + nb * 64 * 2;
-      for (int64_t i = 0; i < m; i += 4) {
-        const float* xv = xf.data() + i * k;
-        const float* xs = xsum.data() + i * groups;
-        float* yv = y.data() + i * 64;
-        switch (std::min<int64_t>(4, m - i)) {
-          case 1: int4_block_rows<1>(xv, k, xs, groups, group, block, sz, n_pad, yv); break;
-          case 2: int4_block_rows<2>(xv, k, xs, groups, group, block, sz, n_pad, yv); break;
-          case 3: int4_block_rows<3>(xv, k, xs, groups, group, block, sz, n_pad, yv); break;
-          default: int4_block_rows<4>(xv, k, xs, groups, group, block, sz, n_pad, yv); break;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int32_t* lanes = reinterpret_cast<const int32_t*>(szp + (g * n_pad + nb * 64) * 2);  // (s, z) per row
+        // bytes kPrefetchBytes ahead in this thread's stream of blocks (one sequential run of memory), and the
+        // scales kPrefetchGroups groups ahead (strided: one row of scale_zero per group), are on their way from
+        // memory while this group computes: the hardware prefetcher alone leaves two cores at ~10 GB/s
+        if (kPrefetch) {
+          const uint8_t* ahead = block + g * group * 32 + kPrefetchBytes;
+          const uint8_t* stop = pp + end * 64 * (k / 2);
+          for (int64_t off = 0; off < group * 32 && ahead + off < stop; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+          const int64_t ga = g + kPrefetchGroups, nba = nb + ga / groups;
+          if (nba < end) {
+            const char* sz_ahead = reinterpret_cast<const char*>(szp + ((ga % groups) * n_pad + nba * 64) * 2);
+            for (int off = 0; off < 256; off += 64) _mm_prefetch(sz_ahead + off, _MM_HINT_T0);
+          }
         }
+        __m512 s[4], z[4];
+        for (int j = 0; j < 4; ++j) {
+          const __m512i pair = _mm512_loadu_si512(lanes + j * 16);
+          s[j] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+          z[j] = _mm512_castsi512_ps(_mm512_and_si512(pair, high_half));
+        }
+        const __m512i* wb = nullptr;
+        if (m > kRowTile) {
+          for (int64_t p = 0; p < pairs; ++p) unpack_pair(block + (g * group + 2 * p) * 32, table, wbuf.data() + 4 * p);
+          wb = wbuf.data();
+        }
+        for (int64_t i = 0; i < m; i += kRowTile)
+          int4_group_dispatch<kRowTile>(std::min(kRowTile, m - i), xp + i * k, k, g * group, pairs, wb, block, table, s,
+                                        z, xsum.data() + i * groups + g, groups, y.data() + i * 64);
       }
+      const int64_t rows = std::min<int64_t>(64, out_features - nb * 64);
       for (int64_t i = 0; i < m; ++i)
-        for (int64_t r = 0; r < 64 && nb * 64 + r < out_features; ++r)
-          op[i * out_features + nb * 64 + r] = bf16(y[i * 64 + r]);
+        for (int64_t r = 0; r < rows; ++r) op[i * out_features + nb * 64 + r] = bf16(y[i * 64 + r]);
     }
   });
   return out;
 }
-constexpr bool kHasInt4Gemm = true;
 #else
-at::Tensor int4_gemm_small(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t) {
-  TORCH_CHECK(false, "int4_gemm_small needs AVX-512");
+at::Tensor int4_mm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t) {
+  TORCH_CHECK(false, "int4_mm needs AVX-512 with bfloat16 dot products");
 }
-constexpr bool kHasInt4Gemm = false;
 #endif
 
-namespace {
+// Whether int4_mm runs on this machine (compiled with AVX512-BF16 and torch's packing is the one it reads).
+bool int4_mm_available() { return OFFRAMP_DP && int4_layout_matches(); }
 
-constexpr int64_t kInt4SmallRows = 6;  // from about 8 rows torch's kernel is as fast or faster (measured)
+// Whether int8_gemv is the fast kernel (else a scalar loop: torch's kernel is the better choice).
+bool int8_gemv_fast() { return OFFRAMP_DP; }
+
+namespace {
 
 // One linear as decoder.linear computes it: kind 0 a bfloat16 weight a [N, K] (bias added by the same
 // product); 1 int8 per channel (a codes, b scales); 2 int4 in torch's CPU layout (a packed, b scales and
@@ -432,10 +541,10 @@ at::Tensor linear_w(const at::Tensor& x, const at::Tensor& a, const at::Tensor& 
   if (kind == 0) return bias.numel() ? at::linear(x, a, bias) : at::linear(x, a);
   at::Tensor y;
   if (kind == 1) {
-    y = x.size(0) <= 16 ? int8_gemv(x, a, b) : at::_weight_int8pack_mm(x, a, b);
+    y = x.size(0) <= 16 && int8_gemv_fast() ? int8_gemv(x, a, b) : at::_weight_int8pack_mm(x, a, b);
   } else {
-    if (kHasInt4Gemm && x.size(0) <= kInt4SmallRows && a.size(0) % 64 == 0 && int4_layout_matches()) {
-      y = int4_gemm_small(x, a, b, group, out_features);
+    if (a.size(0) % 64 == 0 && int4_mm_available()) {
+      y = int4_mm(x, a, b, group, out_features);
     } else {
       y = at::_weight_int4pack_mm_for_cpu(x, a, group, b);
       if (y.size(1) != out_features) y = y.narrow(1, 0, out_features).contiguous();
@@ -480,8 +589,10 @@ at::Tensor decode_block(const at::Tensor& hidden, const std::vector<at::Tensor>&
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_gemm_small", &int4_gemm_small, "int4 weight-only product for up to 16 rows (torch's CPU layout)");
-  m.def("int4_layout_matches", &int4_layout_matches, "whether torch's CPU int4 packing is the layout int4_gemm_small reads");
+  m.def("int4_mm", &int4_mm, "int4 weight-only product (torch's CPU layout), bfloat16 dot products");
+  m.def("int4_layout_matches", &int4_layout_matches, "whether torch's CPU int4 packing is the layout int4_mm reads");
+  m.def("int4_mm_available", &int4_mm_available, "whether int4_mm runs on this machine");
   m.def("int8_gemv", &int8_gemv, "int8 weight-only product for a few rows");
+  m.def("int8_gemv_fast", &int8_gemv_fast, "whether int8_gemv has its vector kernel here");
   m.def("decode_block", &decode_block, "the layers of one block for rows rope_attend takes");
 }
