@@ -88,6 +88,130 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
 }
 
+// sc[p] = exp(sc[p] - mx) for p < n; returns their sum. Vectorised (16 lanes) with the single-precision
+// exp of Cephes (range reduction by ln 2, degree-6 polynomial, about 1 ulp); scalar std::exp elsewhere.
+inline float exp_shifted(float* sc, int64_t n, float mx) {
+#if defined(__AVX512F__)
+  const __m512 vmx = _mm512_set1_ps(mx), log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  const float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                      5.0000001201e-1f};
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t p = 0; p < n; p += 16) {
+    const __mmask16 mask = n - p >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - p)) - 1);
+    __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sc + p), vmx);  // <= 0 (masked-off lanes unused)
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));  // below it exp underflows to 0 either way
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, ln2_hi, x);
+    r = _mm512_fnmadd_ps(k, ln2_lo, r);
+    __m512 poly = _mm512_set1_ps(c[0]);
+    for (int i = 1; i < 6; ++i) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c[i]));
+    poly = _mm512_fmadd_ps(_mm512_mul_ps(poly, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512 e = _mm512_scalef_ps(poly, k);  // poly * 2^k
+    _mm512_mask_storeu_ps(sc + p, mask, e);
+    total = _mm512_mask_add_ps(total, mask, total, e);
+  }
+  return _mm512_reduce_add_ps(total);
+#else
+  float total = 0.f;
+  for (int64_t p = 0; p < n; ++p) {
+    sc[p] = std::exp(sc[p] - mx);
+    total += sc[p];
+  }
+  return total;
+#endif
+}
+
+// The two halves of one (row, kv head)'s attention over `span` positions with vector instructions, for
+// head_dim 64 or 128 (false elsewhere: the caller's loops run). key(i) / value(i) point at position i's
+// K / V row (bfloat16 bits). The query heads' values are bfloat16 numbers held in float32 (RoPE rounds
+// them), so bfloat16 dot products of q and k are exact products summed in float32, like the loops.
+template <int C, class Row>  // C: head_dim / 32
+void scores_dp(const float* q, int64_t group, int64_t span, Row key, float scale, float* score) {
+#if OFFRAMP_DP
+  __m512bh qb[8][C];  // group <= 8 (checked by the caller)
+  for (int64_t g = 0; g < group; ++g)
+    for (int c = 0; c < C; ++c)
+      qb[g][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + g * C * 32 + 32 * c + 16), _mm512_loadu_ps(q + g * C * 32 + 32 * c));
+  for (int64_t i = 0; i < span; ++i) {
+    const uint16_t* k = key(i);
+    __m512bh kb[C];
+    for (int c = 0; c < C; ++c) kb[c] = (__m512bh)_mm512_loadu_si512(k + 32 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[g][0], kb[0]);
+      for (int c = 1; c < C; ++c) acc = _mm512_dpbf16_ps(acc, qb[g][c], kb[c]);
+      score[g * span + i] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+#endif
+}
+
+template <class Row>
+bool attend_scores_fast(const float* q, int64_t group, int64_t hd, int64_t span, Row key, float scale, float* score) {
+  if (!OFFRAMP_DP || group > 8) return false;
+  if (hd == 64) scores_dp<2>(q, group, span, key, scale, score);
+  else if (hd == 128) scores_dp<4>(q, group, span, key, scale, score);
+  else return false;
+  return true;
+}
+
+template <int C, class Row>  // C: head_dim / 16
+void values_fma(const float* score, int64_t group, int64_t span, Row value, float* acc_out) {
+#if defined(__AVX512F__)
+  for (int64_t g = 0; g < group; ++g) {
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_loadu_ps(acc_out + g * C * 16 + 16 * c);
+    const float* w = score + g * span;
+    for (int64_t i = 0; i < span; ++i) {
+      const uint16_t* v = value(i);
+      const __m512 wi = _mm512_set1_ps(w[i]);
+      for (int c = 0; c < C; ++c) {
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * c)));
+        acc[c] = _mm512_fmadd_ps(wi, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)), acc[c]);
+      }
+    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc_out + g * C * 16 + 16 * c, acc[c]);
+  }
+#endif
+}
+
+template <class Row>
+bool attend_values_fast(const float* score, int64_t group, int64_t hd, int64_t span, Row value, float* acc) {
+#if defined(__AVX512F__)
+  if (hd == 64) values_fma<4>(score, group, span, value, acc);
+  else if (hd == 128) values_fma<8>(score, group, span, value, acc);
+  else return false;
+  return true;
+#else
+  return false;
+#endif
+}
+
+// RoPE of one head as the loop in rope_attend computes it (x * cos and roll(x) * signed sin each rounded
+// to bfloat16, their sum rounded again), 16 lanes at a time where half the head_dim is a multiple of 16.
+// Writes q as float32 (qdst) or k as bfloat16 (kdst). False where the loop must run instead.
+inline bool rope_head_fast(const bf16* x, const bf16* c, const bf16* s, int64_t hd, float* qdst, bf16* kdst) {
+#if OFFRAMP_DP
+  if (hd % 32 != 0 || hd > 512) return false;
+  auto load = [](const bf16* p) {  // 16 bfloat16 -> float32
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  };
+  auto round = [](__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); };  // to bfloat16 (RNE) and back
+  const int64_t chunks = hd / 16, half = chunks / 2;
+  for (int64_t j = 0; j < chunks; ++j) {
+    const __m512 a = round(_mm512_mul_ps(load(x + 16 * j), load(c + 16 * j)));
+    const __m512 b = round(_mm512_mul_ps(load(x + 16 * ((j + half) % chunks)), load(s + 16 * j)));
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(a, b));
+    if (qdst) _mm512_storeu_ps(qdst + 16 * j, _mm512_cvtpbh_ps(v));
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(kdst + 16 * j), (__m256i)v);
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Rows of new tokens (one per decoding sequence, or a few of one sequence: drafts, redo rows): RoPE on
 // their q and k heads, every row's K/V written to the paged store at slots[r] first, then attention of
 // row r's q over the positions before lens[r] through its own page table pages[r] (causal).
@@ -138,6 +262,7 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
         const bf16* x = row + head * hd;
         float* qdst = head < nh ? q.data() + (r * nh + head) * hd : nullptr;
         bf16* kdst = head < nh ? nullptr : kp + slot[r] * kv_row + (head - nh) * hd;
+        if (rope_head_fast(x, c, s, hd, qdst, kdst)) continue;
         for (int64_t d = 0; d < hd; ++d) {
           float a = round_bf16(to_f(x[d]) * to_f(c[d]));
           float b = round_bf16(to_f(x[(d + half) % hd]) * to_f(s[d]));
@@ -184,38 +309,40 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
         continue;
       }
       score.resize(group * span);
-      for (int64_t p = lo; p < hi; ++p) {
-        const uint16_t* k = kbits + slot_of(p) * kv_row + kvh * hd;
+      if (!attend_scores_fast(qg, group, hd, span, [&](int64_t i) { return kbits + slot_of(lo + i) * kv_row + kvh * hd; },
+                              scale, score.data())) {
+        for (int64_t p = lo; p < hi; ++p) {
+          const uint16_t* k = kbits + slot_of(p) * kv_row + kvh * hd;
 #pragma omp simd
-        for (int64_t d = 0; d < hd; ++d) f[d] = bits_to_f(k[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qv = qg + g * hd;
-          float dot = 0.f;
+          for (int64_t d = 0; d < hd; ++d) f[d] = bits_to_f(k[d]);
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qv = qg + g * hd;
+            float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < hd; ++d) dot += qv[d] * f[d];
-          score[g * span + p - lo] = dot * scale;
+            for (int64_t d = 0; d < hd; ++d) dot += qv[d] * f[d];
+            score[g * span + p - lo] = dot * scale;
+          }
         }
       }
       for (int64_t g = 0; g < group; ++g) {
         float* sc = score.data() + g * span;
-        float mx = -INFINITY, total = 0.f;
+        float mx = -INFINITY;
         for (int64_t p = 0; p < span; ++p) mx = std::max(mx, sc[p]);
-        for (int64_t p = 0; p < span; ++p) {
-          sc[p] = std::exp(sc[p] - mx);
-          total += sc[p];
-        }
         pm[g] = mx;
-        ps[g] = total;
+        ps[g] = exp_shifted(sc, span, mx);
       }
-      for (int64_t p = lo; p < hi; ++p) {
-        const uint16_t* v = vbits + slot_of(p) * kv_row + kvh * hd;
+      if (!attend_values_fast(score.data(), group, hd, span,
+                              [&](int64_t i) { return vbits + slot_of(lo + i) * kv_row + kvh * hd; }, pa)) {
+        for (int64_t p = lo; p < hi; ++p) {
+          const uint16_t* v = vbits + slot_of(p) * kv_row + kvh * hd;
 #pragma omp simd
-        for (int64_t d = 0; d < hd; ++d) f[d] = bits_to_f(v[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          float* a = pa + g * hd;
-          const float w = score[g * span + p - lo];
+          for (int64_t d = 0; d < hd; ++d) f[d] = bits_to_f(v[d]);
+          for (int64_t g = 0; g < group; ++g) {
+            float* a = pa + g * hd;
+            const float w = score[g * span + p - lo];
 #pragma omp simd
-          for (int64_t d = 0; d < hd; ++d) a[d] += w * f[d];
+            for (int64_t d = 0; d < hd; ++d) a[d] += w * f[d];
+          }
         }
       }
     }
