@@ -130,25 +130,31 @@ def test_engine_with_fused_decode_generates_what_eager_does(ops, tiny_models, mo
     assert len(calls) >= 11  # every decode step after the prompts (each block once per step)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
-def test_small_batch_int8_product_matches_torchs_kernel(ops, rows):
-    """The LM head's int8 product for a few rows: torch's _weight_int8pack_mm up to float32 summation order
-    (both round once to bfloat16), and a float32 reference on 1027 x 72 weights (tails that are not a
-    multiple of four rows or 16 columns, which torch's kernel itself does not take)."""
-    from offramp.model.quant import quantize_int8
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 23])
+def test_int8_product_matches_float32(ops, rows):
+    """The group-wise int8 product (float16 scales per 32 columns; 1027 weight rows: not whole blocks of
+    64; 23 activation rows: more than one tile of 16) against float32 on the de-quantized weights, and
+    group sizes 64/128 (made by hand: the engine keeps 32); bad scales are refused."""
+    from offramp.model.quant import Int8Weight, quantize_int8
 
     gen = torch.Generator().manual_seed(0)
-    w = quantize_int8(torch.randn(1027, 72, generator=gen))
-    x = torch.randn(rows, 72, generator=gen).to(torch.bfloat16)
-    ours = ops.int8_gemv(x, w.q, w.scale)
-    exact = (x.float() @ w.q.float().T) * w.scale.float()  # [rows, 1027]
+    w = quantize_int8(torch.randn(1027, 96, generator=gen))
+    x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
+    ours = ops.int8_mm(x, w.q, w.scale)
+    exact = x.float() @ w.dequantize().T  # [rows, 1027]
     assert ours.shape == (rows, 1027)
     torch.testing.assert_close(ours.float(), exact, rtol=1 / 128, atol=1e-3)
-    w = quantize_int8(torch.randn(1024, 128, generator=gen))  # shapes torch's kernel takes (the model's are)
-    x = torch.randn(rows, 128, generator=gen).to(torch.bfloat16)
-    ours, ref = ops.int8_gemv(x, w.q, w.scale), torch.ops.aten._weight_int8pack_mm(x, w.q, w.scale)
-    torch.testing.assert_close(ours.float(), ref.float(), rtol=1 / 64, atol=1e-2)
-    assert (ours == ref).float().mean() > 0.95
+    for group in (64, 128):
+        q = torch.randint(-127, 128, (70, 256), generator=gen, dtype=torch.int8)
+        scale = (torch.rand(70, 256 // group, generator=gen) * 0.01).to(torch.float16)
+        wide = Int8Weight(q, scale)
+        x = torch.randn(rows, 256, generator=gen).to(torch.bfloat16)
+        exact = x.float() @ wide.dequantize().T
+        torch.testing.assert_close(ops.int8_mm(x, q, scale).float(), exact, rtol=1 / 128, atol=1e-3)
+    with pytest.raises(RuntimeError, match="scale: float16"):
+        ops.int8_mm(x, q, scale.float())
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.int8_mm(x, q, torch.ones(70, 16, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 45])

@@ -8,8 +8,8 @@ rows; not prompt chunks), ``decode_layers`` runs a block's layers in one call of
 RMSNorm, RoPE + K/V write + paged attention, residual add + RMSNorm, SiLU x up. It rounds to
 bfloat16 where the eager ops do, so it matches ``decoder.decoder_layer`` up to the order of float32
 sums (tested). Everything else (float32, prompt chunks, CUDA) stays eager. The
-int8 products of up to 16 rows (the LM head) use the extension's ``int8_gemv``, and int4 products of any
-number of rows (prompt chunks too) its ``int4_mm``: torch's kernels are slower there.
+int8 and int4 products of any number of rows (prompt chunks too) use the extension's ``int8_mm`` (torch
+has no group-wise int8 kernel) and ``int4_mm`` (faster than torch's).
 
 The kernels are compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; about a
 minute, cached under torch's extension directory). Without a compiler the engine says so once and
@@ -46,8 +46,8 @@ def kernels() -> ModuleType | None:
         if "ops" not in _state and "error" not in _state:
             try:
                 _state["ops"] = _build()
-                if _state["ops"].int8_gemv_fast():
-                    quant.SMALL_BATCH_INT8[0] = _state["ops"].int8_gemv
+                if _state["ops"].int8_mm_fast():
+                    quant.INT8_MM[0] = _state["ops"].int8_mm
                 if _state["ops"].int4_mm_available():
                     quant.INT4_MM[0] = _state["ops"].int4_mm
             except Exception as exc:  # no compiler, no ninja, a failed build: eager decode still works
@@ -115,7 +115,7 @@ def pack_layers(layers: list[LayerWeights]) -> tuple[list[torch.Tensor], list[in
             if isinstance(weight, torch.Tensor):
                 parts, spec = (weight, weight), (0, 0, weight.shape[0])
             elif isinstance(weight, Int8Weight):
-                parts, spec = (weight.q, weight.scale), (1, 0, weight.shape[0])
+                parts, spec = (weight.q, weight.scale), (1, weight.group_size, weight.shape[0])
             elif isinstance(weight, Int4Weight):
                 parts, spec = (weight.packed, weight.scale_zero), (2, weight.group_size, weight.out_features)
             else:

@@ -12,12 +12,12 @@ Sources, per tensor (recorded in the cache file's metadata under ``methods``):
   file's own blocks as stored; F32/F16/BF16/Q8_0 tensors are re-quantized to int4 by round to nearest
   from their de-quantized values. With group 64/128 every tensor is re-quantized (GGUF's 4-bit blocks
   hold 32 weights).
-* int4, the LM head: int8 per output channel (round to nearest), as llama.cpp keeps the default
-  model's head at 8 bits (Q8_0). Measured on the default model (12 bundled prompts, teacher-forced
-  agreement with HF float32 greedy): int4 decoder + int4 head 0.878, + int8 head 0.974, + bf16 head
+* int4, the LM head: int8 (as below), as llama.cpp keeps the default model's head at 8 bits (Q8_0).
+  Measured on the default model (12 bundled prompts, teacher-forced agreement with HF float32 greedy,
+  with a per-channel int8 head then): int4 decoder + int4 head 0.878, + int8 head 0.974, + bf16 head
   0.974. The head is 21% of the default model's weights; int4 there costs more than it saves.
-* int8 (per output channel): always round to nearest from the de-quantized float32 values. A GGUF
-  Q8_0 tensor has one scale per 32 weights, which a per-channel kernel cannot hold exactly.
+* int8 (a float16 scale per 32 input columns): a GGUF Q8_0 tensor's own blocks as stored (the default
+  model's head); other tensors round to nearest from their de-quantized float32 values.
 * Hugging Face safetensors checkpoints (float32/bfloat16/float16): round to nearest.
 """
 
@@ -38,6 +38,7 @@ from tqdm import tqdm
 from offramp.model.decoder import ModelShape
 from offramp.model.gguf_blocks import GGUFBlocks
 from offramp.model.quant import (
+    INT8_GROUP,
     Int8Weight,
     QuantWeight,
     concat_codes,
@@ -47,7 +48,7 @@ from offramp.model.quant import (
     quantize_int8,
 )
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: int8 with a float16 scale per 32 columns (was per output channel)
 # Our fused linear -> its parts: (Hugging Face name under model.layers.<i>., GGUF name under blk.<i>.)
 LINEAR_PARTS = {
     "qkv": (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v")),
@@ -77,6 +78,14 @@ def sources(name: str, shape: ModelShape, gguf: GGUFBlocks | None) -> list[tuple
 
 
 def check_group_size(shape: ModelShape, weights: str, group_size: int) -> None:
+    if weights == "int8":
+        for name in ("layers.0.qkv", "layers.0.o_proj", "layers.0.down"):
+            if input_width(name, shape) % INT8_GROUP:
+                raise ValueError(
+                    f"weights: int8 keeps a scale per {INT8_GROUP} input columns, which does not divide the input "
+                    f"width {input_width(name, shape)} of {name}; use weights bf16 or none for this model"
+                )
+        return
     if weights != "int4":
         return
     widths = {input_width(part, shape) for part in LINEAR_PARTS}
@@ -96,8 +105,13 @@ def pack_linear(
     """One linear in its on-disk form: ({tensor name: tensor}, how it was made)."""
     weights, group_size = scheme
     if weights == "int8" or name == "lm_head":  # int4's head is int8 too (see the module docstring)
-        w = quantize_int8(torch.cat([float_of(hf) for hf, _ in parts]))
-        return {f"{name}.q": w.q, f"{name}.scale": w.scale}, "rtn" if weights == "int8" else "rtn-int8"
+        ws, methods = [], []
+        for hf, gg in parts:
+            stored = gguf.int8_weight(gg) if gguf is not None else None
+            ws.append(stored if stored is not None else quantize_int8(float_of(hf)))
+            methods.append("gguf-q8_0" if stored is not None else "rtn" if weights == "int8" else "rtn-int8")
+        q, scale = torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws])
+        return {f"{name}.q": q, f"{name}.scale": scale}, "+".join(methods)
     codes, methods = [], []
     for hf, gg in parts:
         if gguf is not None:
@@ -121,7 +135,7 @@ def pack_checkpoint(shape: ModelShape, float_of: Float, scheme: tuple, gguf: GGU
 
 def scheme_tag(scheme: tuple) -> str:
     weights, group_size = scheme
-    return "int8" if weights == "int8" else f"int4-g{group_size}"
+    return f"int8-g{INT8_GROUP}" if weights == "int8" else f"int4-g{group_size}"
 
 
 def source_checksum(ckpt: Path, gguf: Path | None) -> str:
@@ -187,7 +201,7 @@ def load_quantized(
     if not path.is_file():
         print(f"offramp: packing {scheme_tag(scheme)} weights once (cached in {path.parent})", file=sys.stderr)
         blocks = (
-            GGUFBlocks(gguf, shape.num_heads, shape.num_kv_heads) if gguf is not None and weights == "int4" else None
+            GGUFBlocks(gguf, shape.num_heads, shape.num_kv_heads) if gguf is not None else None
         )
         tensors, methods = pack_checkpoint(shape, float_of, scheme, blocks)
         meta = {"scheme": scheme_tag(scheme), "version": str(FORMAT_VERSION), "methods": json.dumps(methods)}

@@ -372,99 +372,86 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
   return out;
 }
 
-#if OFFRAMP_DP
-// Dot products of R bfloat16 activation rows (stride k) with one int8 weight row, into out[R]: each 32
-// weights become bfloat16 once (exact: integers below 256) for all R rows, one vdpbf16ps per row. One
-// weight row at a time keeps the weights one sequential stream (four rows interleaved ran at a third of
-// the speed: the hardware prefetchers follow them badly), and all rows in one pass read it once.
+// Dot products of R float32 activation rows (stride k) with one int8 weight row whose groups of `group`
+// input columns (a multiple of 32) have the float32 scales s[]: out[r] = sum_j x[r, j] q[j] s[j / group].
+// Each 32 weights become float32 once (q * s is exact) for all R rows. One weight row at a time keeps
+// the weights one sequential stream (four rows interleaved ran at a third of the speed: the hardware
+// prefetchers follow them badly).
 template <int R>
-void dot_int8(const bf16* x, int64_t k, const int8_t* w, float* out) {
-  constexpr int U = R <= 4 ? 2 : 1;  // few rows: two sums per row so that the dot products do not wait on each other
-  __m512 acc[R][U];
+void dot_int8(const float* x, int64_t k, const int8_t* w, const float* s, int64_t group, float* out) {
+#if defined(__AVX512F__)
+  constexpr int A = R <= 8 ? 2 : 1;  // few rows: two sums per row, so the FMAs do not wait on each other
+  __m512 acc[R][A];
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 32 * U <= k; j += 32 * U) {
-    for (int u = 0; u < U; ++u) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j + 32 * u));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
-      const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);  // weights j + 32 u .. + 31 in order
-      for (int r = 0; r < R; ++r)
-        acc[r][u] = _mm512_dpbf16_ps(acc[r][u], wv, (__m512bh)_mm512_loadu_si512(x + r * k + j + 32 * u));
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+  auto wv = [&](int64_t at, __m512 sv) {
+    return _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + at)))), sv);
+  };
+  for (int64_t j = 0; j < k; j += 32) {
+    const __m512 sv = _mm512_set1_ps(s[j / group]);
+    const __m512 w0 = wv(j, sv), w1 = wv(j + 16, sv);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j), w0, acc[r][0]);
+      acc[r][A - 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j + 16), w1, acc[r][A - 1]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    __m512 sum = acc[r][0];
-    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[r][u]);
-    out[r] = _mm512_reduce_add_ps(sum);
-  }
-  for (; j < k; ++j)
-    for (int r = 0; r < R; ++r) out[r] += to_f(x[r * k + j]) * static_cast<float>(w[j]);
-}
-
-// One float32 activation row with one int8 weight row: for a single row, float32 FMAs on the converted
-// weights are faster than converting them further to bfloat16 pairs (measured).
-inline float dot_int8_one(const float* x, int64_t k, const int8_t* w) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  auto wv = [&](int64_t at) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + at))));
-  };
-  int64_t j = 0;
-  for (; j + 32 <= k; j += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), wv(j), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), wv(j + 16), a1);
-  }
-  float out = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-  for (; j < k; ++j) out += x[j] * static_cast<float>(w[j]);
-  return out;
-}
-
-template <int R>
-void dot_int8_dispatch(int64_t rows, const bf16* x, int64_t k, const int8_t* w, float* out) {
-  if constexpr (R > 1) {
-    if (rows < R) return dot_int8_dispatch<R - 1>(rows, x, k, w, out);
-  }
-  dot_int8<R>(x, k, w, out);
-}
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(A == 2 ? _mm512_add_ps(acc[r][0], acc[r][A - 1]) : acc[r][0]);
 #else
-template <int R>
-void dot_int8_dispatch(int64_t rows, const bf16* x, int64_t k, const int8_t* w, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int r = 0; r < R; ++r) {
     float acc = 0.f;
-    for (int64_t j = 0; j < k; ++j) acc += to_f(x[r * k + j]) * static_cast<float>(w[j]);
+    for (int64_t j = 0; j < k; ++j) acc += x[r * k + j] * (static_cast<float>(w[j]) * s[j / group]);
     out[r] = acc;
   }
-}
 #endif
+}
 
-// y = (x @ q.T) * scale for a few rows x [m, K] bfloat16 and int8 weights q [N, K] with one bfloat16
-// scale per row (what torch's _weight_int8pack_mm computes); for up to 16 rows (a decode step's LM
-// head), where torch's kernel is slower.
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+template <int R>
+void dot_int8_dispatch(int64_t rows, const float* x, int64_t k, const int8_t* w, const float* s, int64_t group,
+                       float* out) {
+  if constexpr (R > 1) {
+    if (rows < R) return dot_int8_dispatch<R - 1>(rows, x, k, w, s, group, out);
+  }
+  dot_int8<R>(x, k, w, s, group, out);
+}
+
+constexpr int64_t kInt8RowTile = 16, kInt8WeightBlock = 64;
+
+// y = x @ (q * scale).T for x [m, K] bfloat16 (any m), int8 weights q [N, K] and float16 scales [N, K / g]
+// per group of g input columns (g a multiple of 32: GGUF's Q8_0 layout). Blocks of 64 weight rows (kept
+// in cache) against tiles of up to 16 activation rows: with a decode step's few rows, every weight row is
+// read once.
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
   check_bf16(x, "x");
-  check_bf16(scale, "scale");
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1), "q: int8 [N, K]");
-  const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
-  TORCH_CHECK(m >= 1 && m <= 16, "int8_gemv: 1 to 16 rows");
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) == x.size(1),
+              "q: int8 [N, K]");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.dim() == 2 &&
+                  scale.size(0) == q.size(0) && scale.size(1) > 0 && q.size(1) % scale.size(1) == 0,
+              "scale: float16 [N, K / group]");
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(0), groups = scale.size(1), group = k / groups;
+  TORCH_CHECK(group % 32 == 0, "int8_mm: groups must be a multiple of 32 columns");
   const bf16* xp = x.data_ptr<bf16>();
-  std::vector<float> x1(m == 1 ? k : 0);  // one row: float32 (see dot_int8_one)
-  for (int64_t j = 0; j < static_cast<int64_t>(x1.size()); ++j) x1[j] = to_f(xp[j]);
+  std::vector<float> xf(m * k);
+  at::parallel_for(0, m * k, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) xf[i] = to_f(xp[i]);
+  });
   auto out = at::empty({m, n}, x.options());
   bf16* op = out.data_ptr<bf16>();
   const int8_t* qp = q.data_ptr<int8_t>();
-  const bf16* sp = scale.data_ptr<bf16>();
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    float acc[16];
-    for (int64_t row = begin; row < end; ++row) {
-#if OFFRAMP_DP
-      if (m == 1)
-        acc[0] = dot_int8_one(x1.data(), k, qp + row * k);
-      else
-#endif
-        dot_int8_dispatch<16>(m, xp, k, qp + row * k, acc);
-      const float s = to_f(sp[row]);
-      for (int64_t j = 0; j < m; ++j) op[j * n + row] = bf16(acc[j] * s);
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  at::parallel_for(0, (n + kInt8WeightBlock - 1) / kInt8WeightBlock, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sg(groups);
+    float acc[kInt8RowTile];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t lo = blk * kInt8WeightBlock, hi = std::min(n, lo + kInt8WeightBlock);
+      for (int64_t i = 0; i < m; i += kInt8RowTile) {
+        const int64_t rows = std::min(kInt8RowTile, m - i);
+        for (int64_t row = lo; row < hi; ++row) {
+          for (int64_t g = 0; g < groups; ++g) sg[g] = static_cast<float>(sp[row * groups + g]);
+          dot_int8_dispatch<kInt8RowTile>(rows, xf.data() + i * k, k, qp + row * k, sg.data(), group, acc);
+          for (int64_t j = 0; j < rows; ++j) op[(i + j) * n + row] = bf16(acc[j]);
+        }
+      }
     }
   });
   return out;
@@ -655,20 +642,27 @@ at::Tensor int4_mm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int6
 // Whether int4_mm runs on this machine (compiled with AVX512-BF16 and torch's packing is the one it reads).
 bool int4_mm_available() { return OFFRAMP_DP && int4_layout_matches(); }
 
-// Whether int8_gemv is the fast kernel (else a scalar loop: torch's kernel is the better choice).
-bool int8_gemv_fast() { return OFFRAMP_DP; }
+// Whether int8_mm has its vector kernel here (else a scalar loop: the upcast product is the better choice).
+bool int8_mm_fast() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
 
 namespace {
 
 // One linear as decoder.linear computes it: kind 0 a bfloat16 weight a [N, K] (bias added by the same
-// product); 1 int8 per channel (a codes, b scales); 2 int4 in torch's CPU layout (a packed, b scales and
-// zeros), out_features the rows to keep.
+// product); 1 int8 with a float16 scale per `group` columns (a codes, b scales); 2 int4 in torch's CPU
+// layout (a packed, b scales and zeros), out_features the rows to keep.
 at::Tensor linear_w(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, int64_t kind,
                     int64_t group, int64_t out_features) {
   if (kind == 0) return bias.numel() ? at::linear(x, a, bias) : at::linear(x, a);
   at::Tensor y;
   if (kind == 1) {
-    y = x.size(0) <= 16 && int8_gemv_fast() ? int8_gemv(x, a, b) : at::_weight_int8pack_mm(x, a, b);
+    y = int8_mm_fast() ? int8_mm(x, a, b)
+                       : at::linear(x, (a.to(at::kFloat) * b.to(at::kFloat).repeat_interleave(group, 1)).to(x.scalar_type()));
   } else {
     if (a.size(0) % 64 == 0 && int4_mm_available()) {
       y = int4_mm(x, a, b, group, out_features);
@@ -719,7 +713,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "int4 weight-only product (torch's CPU layout), bfloat16 dot products");
   m.def("int4_layout_matches", &int4_layout_matches, "whether torch's CPU int4 packing is the layout int4_mm reads");
   m.def("int4_mm_available", &int4_mm_available, "whether int4_mm runs on this machine");
-  m.def("int8_gemv", &int8_gemv, "int8 weight-only product for a few rows");
-  m.def("int8_gemv_fast", &int8_gemv_fast, "whether int8_gemv has its vector kernel here");
+  m.def("int8_mm", &int8_mm, "group-wise int8 weight-only product (float16 scales per 32+ columns)");
+  m.def("int8_mm_fast", &int8_mm_fast, "whether int8_mm has its vector kernel here");
   m.def("decode_block", &decode_block, "the layers of one block for rows rope_attend takes");
 }
