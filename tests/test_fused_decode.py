@@ -133,8 +133,9 @@ def test_engine_with_fused_decode_generates_what_eager_does(ops, tiny_models, mo
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 23])
 def test_int8_product_matches_float32(ops, rows):
     """The group-wise int8 product (float16 scales per 32 columns; 1027 weight rows: not whole blocks of
-    64; 23 activation rows: more than one tile of 16) against float32 on the de-quantized weights, and
-    group sizes 64/128 (made by hand: the engine keeps 32); bad scales are refused."""
+    64) against float32 on the de-quantized weights, and group sizes 64/128 (made by hand: the engine keeps
+    32); bad scales are refused. Up to 16 rows the products are exact in float32 (one rounding, of the
+    output); more rows (23: a prompt chunk) multiply bfloat16-rounded weights, 2^-9 relative each."""
     from offramp.model.quant import Int8Weight, quantize_int8
 
     gen = torch.Generator().manual_seed(0)
@@ -143,14 +144,16 @@ def test_int8_product_matches_float32(ops, rows):
     ours = ops.int8_mm(x, w.q, w.scale)
     exact = x.float() @ w.dequantize().T  # [rows, 1027]
     assert ours.shape == (rows, 1027)
-    torch.testing.assert_close(ours.float(), exact, rtol=1 / 128, atol=1e-3)
+    atol = 1e-3 if rows <= 16 else 2**-7 * exact.abs().max().item()
+    torch.testing.assert_close(ours.float(), exact, rtol=1 / 128, atol=atol)
     for group in (64, 128):
         q = torch.randint(-127, 128, (70, 256), generator=gen, dtype=torch.int8)
         scale = (torch.rand(70, 256 // group, generator=gen) * 0.01).to(torch.float16)
         wide = Int8Weight(q, scale)
         x = torch.randn(rows, 256, generator=gen).to(torch.bfloat16)
         exact = x.float() @ wide.dequantize().T
-        torch.testing.assert_close(ops.int8_mm(x, q, scale).float(), exact, rtol=1 / 128, atol=1e-3)
+        atol = 1e-3 if rows <= 16 else 2**-7 * exact.abs().max().item()
+        torch.testing.assert_close(ops.int8_mm(x, q, scale).float(), exact, rtol=1 / 128, atol=atol)
     with pytest.raises(RuntimeError, match="scale: float16"):
         ops.int8_mm(x, q, scale.float())
     with pytest.raises(RuntimeError, match="multiple of 32"):

@@ -69,7 +69,9 @@ def test_int8_product_is_the_dequantized_product(rows, kernel, monkeypatch):
     w = quantize_int8(torch.randn(130, 128) * torch.logspace(-2, 0, 128))  # 130 rows: not whole blocks of 64
     x = torch.randn(rows, 128).to(torch.bfloat16)
     exact = (x.double() @ w.dequantize().double().T).float()  # [rows, 130]
-    torch.testing.assert_close(w.matmul(x).float(), exact, rtol=2**-7, atol=1e-3 * exact.abs().max().item())
+    # exact products up to 16 rows (one rounding, of the output); prompt chunks: bfloat16-rounded weights
+    atol = (1e-3 if rows <= 16 or kernel == "upcast" else 2**-7) * exact.abs().max().item()
+    torch.testing.assert_close(w.matmul(x).float(), exact, rtol=2**-7, atol=atol)
 
 
 @pytest.mark.parametrize("rows", [48, 121, 192])  # 121: not a multiple of 16, padded for the kernel
