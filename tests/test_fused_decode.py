@@ -95,6 +95,67 @@ def test_fused_layers_match_eager_layers(ops, tiny_models, model_type, weights_f
     assert torch.equal(fused_kv.v[0][meta.slot_mapping], eager_kv.v[0][meta.slot_mapping])
 
 
+@pytest.mark.parametrize("weights_format", ["int8", "int4"])
+def test_fused_rows_do_not_depend_on_the_rows_beside_them(ops, tiny_models, weights_format):
+    """Batch invariance with int8/int4 weights: each sequence's rows through every layer alone, and in one
+    step with the others (a long context over several attention slices, a 5-row verification, decodes),
+    give the same bits. This is what makes lossless speculation token-identical to plain decoding in
+    bfloat16: a verification step's rows compute exactly what decode steps would. (The outputs are
+    bfloat16, so float32 sums taken in another order would only rarely show here; the sharp check is the
+    bench's sequence_match against plain decoding on the default model, 64 tokens per request.)"""
+    weights, _ = load_weights(tiny_models["llama"], torch.bfloat16, weights_format, 32)
+    s = weights.shape
+    cos, sin = rope_tables(weights.inv_freq, 256, weights.attention_scaling, torch.bfloat16)
+    seqs = [SeqSlice(150, 1, list(range(40))), SeqSlice(6, 5, [40, 41, 42]), SeqSlice(0, 1, [43])]
+    x = torch.randn(7, s.hidden_size, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    kv = _filled_store(s, 48, seed=4)
+    together = fused.decode_layers(
+        ops, weights.layers, x, build_metadata(seqs, PAGE, cos, sin), _clone(kv).k, _clone(kv).v, s
+    )
+    row = 0
+    for seq in seqs:
+        alone_kv = _clone(kv)
+        rows = slice(row, row + seq.num_rows)
+        alone = fused.decode_layers(
+            ops, weights.layers, x[rows], build_metadata([seq], PAGE, cos, sin), alone_kv.k, alone_kv.v, s
+        )
+        assert torch.equal(alone, together[rows]), seq
+        row += seq.num_rows
+
+
+def test_mixed_step_runs_decode_rows_fused_and_prompt_chunks_eager(ops, tiny_models):
+    """A step holding a 20-row prompt chunk between decode rows: the decode rows get the bits they get in a
+    step of their own (fused), the chunk the bits of an eager step of its own; the K/V store ends the same."""
+    from offramp.blocks.torch_backend import TorchBackend
+
+    weights, _ = load_weights(tiny_models["llama"], torch.bfloat16, "int4", 32)
+    s = weights.shape
+    cos, sin = rope_tables(weights.inv_freq, 64, weights.attention_scaling, torch.bfloat16)
+    decodes = [SeqSlice(9, 1, [0, 1, 2]), SeqSlice(3, 1, [3])]
+    chunk = SeqSlice(0, 20, [4, 5, 6, 7, 8])
+    blocks = [(0, s.num_layers // 2), (s.num_layers // 2, s.num_layers)]
+    x = torch.randn(22, s.hidden_size, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    kv = _filled_store(s, 12, seed=7)
+    rows = {"d0": slice(0, 1), "chunk": slice(1, 21), "d1": slice(21, 22)}
+
+    def run(seqs, hidden, store, fused_decode=True):
+        backend = TorchBackend(weights, store, blocks, fused=fused_decode)
+        meta = build_metadata(seqs, PAGE, cos, sin)
+        for b in range(len(blocks)):
+            hidden = backend.run_block(b, hidden, meta)
+        return hidden
+
+    mixed_kv = _clone(kv)
+    mixed = run([decodes[0], chunk, decodes[1]], x, mixed_kv)
+    apart_kv = _clone(kv)
+    alone = run(decodes, torch.cat([x[rows["d0"]], x[rows["d1"]]]), apart_kv)
+    chunk_alone = run([chunk], x[rows["chunk"]], apart_kv, fused_decode=False)
+    assert torch.equal(mixed[rows["d0"]], alone[0:1]) and torch.equal(mixed[rows["d1"]], alone[1:2])
+    assert torch.equal(mixed[rows["chunk"]], chunk_alone)
+    for i in range(s.num_layers):
+        assert torch.equal(mixed_kv.k[i], apart_kv.k[i]) and torch.equal(mixed_kv.v[i], apart_kv.v[i])
+
+
 def test_bad_metadata_is_refused_not_read_out_of_bounds(ops, tiny_models):
     weights, _ = load_weights(tiny_models["llama"], torch.bfloat16, "bf16", 32)
     s = weights.shape

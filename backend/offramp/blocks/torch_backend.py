@@ -14,9 +14,9 @@ from offramp.model.kv_store import KVStore
 class TorchBackend(BlockBackend):
     """The PyTorch reference implementation; every other backend is checked against it.
 
-    With ``fused`` (and bfloat16 activations on the CPU), steps where no sequence brings more than a few
-    rows run the small ops between the matrix products as fused kernels (``model.fused``); prompt
-    chunks run eager.
+    With ``fused`` (and bfloat16 activations on the CPU), the rows of sequences that bring at most a few
+    (decodes, verification, redo rows) run each block in one call of the fused kernels (``model.fused``);
+    prompt chunks run eager, in their own part of a mixed step.
     """
 
     def __init__(
@@ -26,27 +26,47 @@ class TorchBackend(BlockBackend):
         on_cpu = all(t.device.type == "cpu" for t in kv.k if t.numel())
         wants = fused and kv.dtype == torch.bfloat16 and on_cpu and not kv.head_major
         self.fused = fused_ops.kernels() if wants else None
-        self._pages: tuple[AttentionMetadata | None, torch.Tensor | None] = (None, None)
+        self._runs: tuple[AttentionMetadata | None, list] = (None, [])
         if self.fused is not None:  # each block's weights as the extension reads them, gathered once
             self._packed = [fused_ops.pack_layers(weights.layers[a:b]) for a, b in block_ranges]
 
     def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.fused is None or not fused_ops.can_fuse_some(hidden, meta):
+            return self._eager(block_idx, hidden, meta)
+        if self._runs[0] is not meta:  # every block of a step shares its runs and the rows' page tables
+            runs = fused_ops.split_step(meta)
+            self._runs = (meta, [(lo, hi, sub, fused_ops.row_pages(sub) if ok else None) for lo, hi, sub, ok in runs])
+        runs = self._runs[1]
+        if len(runs) == 1:
+            return self._fused(block_idx, hidden, meta, runs[0][3])
+        # a mixed step: decode/verification rows fused, prompt chunks eager, each run with its own metadata
+        outs = [
+            self._fused(block_idx, hidden[lo:hi], sub, pages)
+            if pages is not None
+            else self._eager(block_idx, hidden[lo:hi], sub)
+            for lo, hi, sub, pages in runs
+        ]
+        return torch.cat(outs)
+
+    def _fused(
+        self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata, pages: torch.Tensor
+    ) -> torch.Tensor:
         start, end = self.block_ranges[block_idx]
-        if self.fused is not None and fused_ops.can_fuse(hidden, meta):
-            if self._pages[0] is not meta:  # every block of a step shares the rows' page tables
-                self._pages = (meta, fused_ops.row_pages(meta))
-            w = self.weights
-            return fused_ops.decode_layers(
-                self.fused,
-                w.layers[start:end],
-                hidden,
-                meta,
-                self.kv.k[start:end],
-                self.kv.v[start:end],
-                w.shape,
-                self._pages[1],
-                self._packed[block_idx],
-            )
+        w = self.weights
+        return fused_ops.decode_layers(
+            self.fused,
+            w.layers[start:end],
+            hidden,
+            meta,
+            self.kv.k[start:end],
+            self.kv.v[start:end],
+            w.shape,
+            pages,
+            self._packed[block_idx],
+        )
+
+    def _eager(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        start, end = self.block_ranges[block_idx]
         for layer in range(start, end):
             hidden = decoder_layer(
                 self.weights.layers[layer], hidden, meta, self.kv.k[layer], self.kv.v[layer], self.weights.shape

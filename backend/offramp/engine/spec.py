@@ -51,10 +51,11 @@ import torch
 VERIFY_STEP_COST = {
     ("float32", "none"): (1.0, 1.82, 2.19, 1.55, 1.51, 1.66, 1.80, 1.75, 1.70),
     # perf/verify_cost.py (96 steps per k), CPU steps with the fused decode kernels (model/fused.py): one
-    # row is what they speed up most, so each extra row costs relatively more than in the eager step
+    # row is what they speed up most, so each extra row costs relatively more than in the eager step;
+    # int4/int8 with the bfloat16-dot-product int4 and group-wise int8 products
     ("bfloat16", "none"): (1.0, 1.03, 1.07, 1.16, 1.18, 1.23, 1.24, 1.26, 1.33),
-    ("bfloat16", "int4"): (1.0, 1.30, 1.61, 1.83, 2.21, 2.59, 2.61, 2.80, 3.54),
-    ("bfloat16", "int8"): (1.0, 1.39, 1.85, 2.18, 2.43, 2.83, 3.22, 3.61, 3.93),
+    ("bfloat16", "int4"): (1.0, 1.15, 1.32, 1.50, 1.66, 1.89, 2.19, 2.43, 2.54),
+    ("bfloat16", "int8"): (1.0, 1.20, 1.53, 1.74, 1.98, 2.20, 2.51, 2.72, 2.90),
 }
 # Formats without a measured table (e.g. on a GPU): per extra row, linear.
 VERIFY_ROW_COST = {("bfloat16", "int8"): 0.1, ("bfloat16", "int4"): 0.3}

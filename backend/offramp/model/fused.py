@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from offramp.model import quant
-from offramp.model.attention import AttentionMetadata
+from offramp.model.attention import AttentionGroup, AttentionMetadata
 from offramp.model.decoder import LayerWeights, ModelShape
 from offramp.model.quant import Int4Weight, Int8Weight
 
@@ -85,15 +85,48 @@ MAX_ROWS_PER_SEQ = 16  # a sequence bringing more new rows (a prompt chunk) runs
 
 
 def can_fuse(hidden: torch.Tensor, meta: AttentionMetadata) -> bool:
-    """Whether a step can take the fused path: bfloat16 on the CPU and no sequence bringing more than
-    ``MAX_ROWS_PER_SEQ`` rows (decodes, draft verification, redo rows). The caller checks the K/V store
-    is slot-major."""
+    """Whether a step's rows can take the fused path: bfloat16 on the CPU and no sequence bringing more
+    than ``MAX_ROWS_PER_SEQ`` rows (decodes, draft verification, redo rows; ``split_step`` separates a
+    mixed step). The caller checks the K/V store is slot-major."""
+    return can_fuse_some(hidden, meta) and all(fusable_group(g) for g in meta.groups)
+
+
+def can_fuse_some(hidden: torch.Tensor, meta: AttentionMetadata) -> bool:
+    """Whether some of a step's rows can take the fused path (see ``split_step``)."""
     return (
         hidden.dtype == torch.bfloat16
         and hidden.device.type == "cpu"
-        and all(g.max_new <= MAX_ROWS_PER_SEQ for g in meta.groups)
+        and any(fusable_group(g) for g in meta.groups)
         and meta.page_size & (meta.page_size - 1) == 0  # the kernel finds slots by shifts
     )
+
+
+def fusable_group(g: AttentionGroup) -> bool:
+    return g.max_new <= MAX_ROWS_PER_SEQ
+
+
+def split_step(meta: AttentionMetadata) -> list[tuple[int, int, AttentionMetadata, bool]]:
+    """A step's rows as runs of consecutive groups that the fused kernels take (decodes, verification and
+    redo rows) or not (prompt chunks): ``(row_start, row_end, the run's own metadata, fusable)``. A mixed
+    step runs each run its way: sequences never read each other's rows, and a decode row then computes
+    the same bits whatever shares its step (which lossless speculation relies on)."""
+    runs: list[list[AttentionGroup]] = []
+    for g in meta.groups:
+        if runs and fusable_group(runs[-1][-1]) == fusable_group(g):
+            runs[-1].append(g)
+        else:
+            runs.append([g])
+    out = []
+    for groups in runs:
+        lo, hi = groups[0].row_start, groups[-1].row_end
+        shifted = [
+            AttentionGroup(g.row_start - lo, g.row_end - lo, g.num_seqs, g.max_new, g.kv_pages, g.mask) for g in groups
+        ]
+        sub = AttentionMetadata(
+            meta.positions[lo:hi], meta.slot_mapping[lo:hi], meta.cos[lo:hi], meta.sin[lo:hi], shifted, meta.page_size
+        )
+        out.append((lo, hi, sub, fusable_group(groups[0])))
+    return out
 
 
 def row_pages(meta: AttentionMetadata) -> torch.Tensor:

@@ -212,6 +212,8 @@ inline bool rope_head_fast(const bf16* x, const bf16* c, const bf16* s, int64_t 
 #endif
 }
 
+constexpr int64_t kSlice = 64;  // context positions per attention work item (see rope_attend)
+
 // Rows of new tokens (one per decoding sequence, or a few of one sequence: drafts, redo rows): RoPE on
 // their q and k heads, every row's K/V written to the paged store at slots[r] first, then attention of
 // row r's q over the positions before lens[r] through its own page table pages[r] (causal).
@@ -281,12 +283,13 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
   const uint16_t* kbits = reinterpret_cast<const uint16_t*>(kp);
   const uint16_t* vbits = reinterpret_cast<const uint16_t*>(vp);
   // An item is one row's kv head, all query heads that read it (each K/V row is loaded once for all
-  // of them), and a slice of the row's context: with fewer (row, kv head) pairs than twice the threads
-  // (one request: 3 pairs on 2 threads) the context is split so the threads share the work evenly, and
-  // the slices' partial softmax sums are merged after (max, sum of exp, weighted V sum per slice).
-  const int64_t threads = at::get_num_threads();
-  int64_t splits = 1;
-  while (n * nkv * splits < 2 * threads && splits < 8) splits *= 2;
+  // of them), and one slice of kSlice positions of the row's context: the threads share even one
+  // request's work (3 kv heads on 2 threads), and the slices' partial softmax sums are merged after (max,
+  // sum of exp, weighted V sum per slice). The slices are fixed positions, so a row's result does not
+  // depend on the rows beside it: a verification step's rows equal plain decode steps' bit for bit.
+  int64_t max_len = 1;
+  for (int64_t r = 0; r < n; ++r) max_len = std::max(max_len, len[r]);
+  const int64_t splits = (max_len + kSlice - 1) / kSlice;  // slices per (row, kv head); the tail ones empty
   const int64_t items = n * nkv * splits;
   std::vector<float> part_max(items * group), part_sum(items * group), part_acc(items * group * hd);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
@@ -294,7 +297,7 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
     float* f = row.data();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t pair = item / splits, slice = item % splits, r = pair / nkv, kvh = pair % nkv;
-      const int64_t ctx = len[r], lo = ctx * slice / splits, hi = ctx * (slice + 1) / splits, span = hi - lo;
+      const int64_t ctx = len[r], lo = std::min(ctx, slice * kSlice), hi = std::min(ctx, lo + kSlice), span = hi - lo;
       const float* qg = q.data() + (r * nh + kvh * group) * hd;  // [group, hd]
       const int64_t* table = page + r * max_pages;
       // slot of position p; page_size is a power of two (checked), so no division per position
@@ -380,10 +383,9 @@ at::Tensor rope_attend(const at::Tensor& qkv, const at::Tensor& cos, const at::T
 template <int R>
 void dot_int8(const float* x, int64_t k, const int8_t* w, const float* s, int64_t group, float* out) {
 #if defined(__AVX512F__)
-  constexpr int A = R <= 8 ? 2 : 1;  // few rows: two sums per row, so the FMAs do not wait on each other
-  __m512 acc[R][A];
-  for (int r = 0; r < R; ++r)
-    for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+  // one sum per row, in the same order for every R: a row's result does not depend on the rows beside it
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   auto wv = [&](int64_t at, __m512 sv) {
     return _mm512_mul_ps(
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + at)))), sv);
@@ -392,11 +394,11 @@ void dot_int8(const float* x, int64_t k, const int8_t* w, const float* s, int64_
     const __m512 sv = _mm512_set1_ps(s[j / group]);
     const __m512 w0 = wv(j, sv), w1 = wv(j + 16, sv);
     for (int r = 0; r < R; ++r) {
-      acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j), w0, acc[r][0]);
-      acc[r][A - 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j + 16), w1, acc[r][A - 1]);
+      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j), w0, acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + j + 16), w1, acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(A == 2 ? _mm512_add_ps(acc[r][0], acc[r][A - 1]) : acc[r][0]);
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 #else
   for (int r = 0; r < R; ++r) {
     float acc = 0.f;
@@ -416,10 +418,13 @@ void dot_int8_dispatch(int64_t rows, const float* x, int64_t k, const int8_t* w,
 }
 
 constexpr int64_t kInt8RowTile = 16, kInt8WeightBlock = 64;
+constexpr int64_t kInt8ExactRows = 256;  // above: a prompt chunk (bfloat16 weights, oneDNN); at most: exact
 
 // y = x @ (q * scale).T for x [m, K] bfloat16 (any m), int8 weights q [N, K] and float16 scales [N, K / g]
-// per group of g input columns (g a multiple of 32: GGUF's Q8_0 layout). Up to 16 rows (decode steps, draft
-// verification): every weight row read once, as one stream. More rows (prompt chunks): see below.
+// per group of g input columns (g a multiple of 32: GGUF's Q8_0 layout). Blocks of 64 weight rows (kept in
+// cache) against tiles of up to 16 activation rows: with a decode step's few rows every weight row is read
+// once, as one stream. Each row's sums are the same at any batch size up to kInt8ExactRows (decode and
+// verification steps of many sequences); larger prompt chunks: see below.
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
   check_bf16(x, "x");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) == x.size(1),
@@ -431,7 +436,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   TORCH_CHECK(group % 32 == 0, "int8_mm: groups must be a multiple of 32 columns");
   const int8_t* qp = q.data_ptr<int8_t>();
   const at::Half* sp = scale.data_ptr<at::Half>();
-  if (m > kInt8RowTile) {
+  if (m > kInt8ExactRows) {
     // Prompt chunks: the weights de-quantized to bfloat16 (q * s rounded once, 2^-9 relative) and one
     // bfloat16 matrix product (oneDNN), several times faster than float32 FMAs over many rows.
     auto w = at::empty({n, k}, x.options());
