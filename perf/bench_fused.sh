@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fused CPU decode kernels against the eager ops, and both against llama.cpp on the same GGUF: int4 and
 # bf16 on the default model at concurrency 1 (with --compare llamacpp, REPEAT times: the machine is
-# noisy, so every ratio is from one command) and 16, then agreement with HF float32 along decode steps.
+# noisy, so every ratio is from one command) and 16 (int4 fused also against llama.cpp's single stream
+# in the same command), int8 at 1 and 16, then agreement with HF float32 (teacher-forced and along
+# decode steps) for bf16, int8 and int4.
 # Env: THREADS (2), REPEAT (3), QUALITY (1; 0 skips the agreement runs).
 # Usage: perf/bench_fused.sh [OUT]   (default docs/bench/fused_decode.jsonl; about 10 minutes on 2 cores)
 set -euo pipefail
@@ -20,12 +22,14 @@ for _ in $(seq "$repeat"); do
   run int4 1 --fused-decode --compare llamacpp
   run int4 1 --no-fused-decode --compare llamacpp
 done
+run int4 16 --fused-decode --compare llamacpp
+run int4 16 --no-fused-decode
 for f in --fused-decode --no-fused-decode; do
-  run int4 16 "$f"
   run bf16 1 "$f"
   run bf16 16 "$f"
 done
+run int8 1 --fused-decode --compare llamacpp
+run int8 16 --fused-decode
 [ "${QUALITY:-1}" = 1 ] || exit 0
-for f in --fused-decode --no-fused-decode; do
-  .venv/bin/python perf/weights_quality.py --formats bf16:bfloat16,int4:bfloat16 --num-threads "$threads" "$f" | tee -a "$out"
-done
+.venv/bin/python perf/weights_quality.py --formats bf16:bfloat16,int8:bfloat16,int4:bfloat16 --num-threads "$threads" \
+  --fused-decode | tee -a "$out"
