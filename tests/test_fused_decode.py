@@ -202,7 +202,7 @@ def test_int8_product_matches_float32(ops, rows):
     gen = torch.Generator().manual_seed(0)
     w = quantize_int8(torch.randn(1027, 96, generator=gen))
     x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
-    ours = ops.int8_mm(x, w.q, w.scale)
+    ours = ops.int8_mm(x, w.q, w.scale, 17)
     exact = x.float() @ w.dequantize().T  # [rows, 1027]
     assert ours.shape == (rows, 1027)
     atol = 1e-3 if rows <= 16 else 2**-7 * exact.abs().max().item()
@@ -214,11 +214,11 @@ def test_int8_product_matches_float32(ops, rows):
         x = torch.randn(rows, 256, generator=gen).to(torch.bfloat16)
         exact = x.float() @ wide.dequantize().T
         atol = 1e-3 if rows <= 16 else 2**-7 * exact.abs().max().item()
-        torch.testing.assert_close(ops.int8_mm(x, q, scale).float(), exact, rtol=1 / 128, atol=atol)
+        torch.testing.assert_close(ops.int8_mm(x, q, scale, 17).float(), exact, rtol=1 / 128, atol=atol)
     with pytest.raises(RuntimeError, match="scale: float16"):
-        ops.int8_mm(x, q, scale.float())
+        ops.int8_mm(x, q, scale.float(), 0)
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        ops.int8_mm(x, q, torch.ones(70, 16, dtype=torch.float16))
+        ops.int8_mm(x, q, torch.ones(70, 16, dtype=torch.float16), 0)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 45])
@@ -234,14 +234,18 @@ def test_int4_product_is_torchs_kernel(ops, rows):
     codes = quantize_int4(torch.randn(192, 128, generator=gen), 32)  # three blocks of 64 rows
     w = int4_weight(nibbles(codes.codes), codes.scale_zero(), 32)
     x = torch.randn(rows, 128, generator=gen).to(torch.bfloat16)
-    ours = ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features)
+    ours = ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features, 0)
     assert ours.shape == (rows, 192)
     ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zero)
     torch.testing.assert_close(ours.float(), ref.float(), rtol=1 / 128, atol=1e-2)
     exact = x.float() @ codes.dequantize().T  # [rows, 192]: scales and zeros as held (before bfloat16)
     torch.testing.assert_close(ours.float(), exact, rtol=0.02, atol=0.05 * exact.abs().max().item())
+    # a prompt chunk's path (from dense_from_rows rows): bfloat16-rounded weights and one oneDNN product
+    dense = ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features, 1)
+    torch.testing.assert_close(dense.float(), exact, rtol=0.02, atol=0.05 * exact.abs().max().item())
+    torch.testing.assert_close(dense.float(), ours.float(), rtol=2**-6, atol=2**-7 * exact.abs().max().item())
     # batch invariance: a row's result does not depend on the rows beside it (same sums at any batch size)
-    alone = torch.cat([ops.int4_mm(x[i : i + 1], w.packed, w.scale_zero, 32, w.out_features) for i in range(rows)])
+    alone = torch.cat([ops.int4_mm(x[i : i + 1], w.packed, w.scale_zero, 32, w.out_features, 0) for i in range(rows)])
     assert torch.equal(alone, ours)
 
 
@@ -256,13 +260,13 @@ def test_int4_product_group_sizes(ops):
         codes = quantize_int4(torch.randn(128, 256, generator=gen), group)
         w = int4_weight(nibbles(codes.codes), codes.scale_zero(), group)
         x = torch.randn(9, 256, generator=gen).to(torch.bfloat16)
-        ours = ops.int4_mm(x, w.packed, w.scale_zero, group, w.out_features)
+        ours = ops.int4_mm(x, w.packed, w.scale_zero, group, w.out_features, 0)
         exact = x.float() @ codes.dequantize().T  # [9, 128]
         torch.testing.assert_close(ours.float(), exact, rtol=0.02, atol=0.05 * exact.abs().max().item())
     codes = quantize_int4(torch.randn(100, 256, generator=gen), 32)  # packed as 112 rows: not whole blocks
     w = int4_weight(nibbles(codes.codes), codes.scale_zero(), 32)
     x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="unsupported shape"):
-        ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features)
+        ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features, 0)
     exact = x.float() @ codes.dequantize().T  # [3, 100]
     torch.testing.assert_close(w.matmul(x).float(), exact, rtol=0.02, atol=0.05 * exact.abs().max().item())

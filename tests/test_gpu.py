@@ -115,3 +115,22 @@ def test_devices_cuda_and_cpu_equal_one_device(tiny_models, kv_fill):
             assert engine.weights.layers[3].down.device.type == "cpu"
         engine.close()
     assert results[0] == results[1]
+
+
+def test_int8_weights_on_cuda_compute_what_the_cpu_engine_does(tiny_models):
+    """int8 (a float16 scale per 32 columns) on CUDA runs the upcast float32 product; on the CPU the
+    extension's int8 product (or the same upcast): both exact products of the same weights, so the
+    teacher-forced logits agree to bfloat16 activation rounding and greedy tokens mostly match."""
+    from offramp.model.decoder import final_logits
+
+    path = str(tiny_models["llama"])
+    prompt, output = [3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15]
+    logits = []
+    for device in ("cpu", "cuda"):
+        engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", weights="int8", device=device))
+        assert engine.weights.layers[0].qkv.q.device.type == device
+        _, final = engine.teacher_forced_hidden(prompt, output)
+        logits.append(final_logits(engine.weights, final).float().cpu())
+    cpu, cuda = logits
+    assert ((cuda - cpu).norm() / cpu.norm()).item() < 0.05
+    assert (cuda.argmax(-1) == cpu.argmax(-1)).float().mean() >= 0.85

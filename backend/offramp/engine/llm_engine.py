@@ -20,6 +20,7 @@ from offramp.engine.runner import ModelRunner
 from offramp.engine.sampling import SamplingParams
 from offramp.engine.scheduler import Scheduler
 from offramp.engine.sequence import FinishReason, Sequence
+from offramp.model import fused
 from offramp.model.decoder import final_logits
 from offramp.model.device import resolve_device, to_device
 from offramp.model.kv_store import KVStore, pages_for_budget
@@ -66,13 +67,15 @@ class LLMEngine:
         if config.backend == "onnxruntime" and self.device.type != "cpu":
             raise ValueError(f"device: the onnxruntime backend runs on cpu here, not {self.device}")
         print(f"offramp: device {self.device}, dtype {config.dtype}, backend {config.backend}", file=sys.stderr)
-        if config.weights in ("int8", "int4") and self.device.type != "cpu":
-            raise ValueError(f"weights: {config.weights} runs on the CPU kernels only so far; use --device cpu")
+        if config.weights == "int4" and self.device.type != "cpu":  # int8 elsewhere: an upcast product (quant.py)
+            raise ValueError("weights: int4 runs on the CPU kernels only so far; use --device cpu (int8 runs on CUDA)")
         gguf = source_gguf(config.model)  # int4: its 4-bit blocks are used as stored
         weights, self.hf_config = load_weights(
             self.checkpoint, self.dtype, config.weights, config.weight_group_size, gguf
         )
         self.weights = to_device(weights, self.device)
+        if config.weights in ("int8", "int4") and self.device.type == "cpu":
+            fused.kernels()  # the int8/int4 products (any step, fused or not); eager torch/upcast without them
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.eos_ids = eos_token_ids(self.checkpoint, self.tokenizer)
         shape = self.weights.shape

@@ -59,8 +59,9 @@ class Int8Weight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [n, K] bfloat16 -> [n, N] bfloat16
         if INT8_MM[0] is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
             return INT8_MM[0](x.contiguous(), self.q, self.scale)
-        # other devices (CUDA) and machines without the extension: an upcast product in float32
-        return torch.nn.functional.linear(x.float(), self.dequantize().to(x.device)).to(x.dtype)
+        # other devices (CUDA) and CPUs without the extension: an upcast product, the weights de-quantized
+        # to the activations' dtype (q * s rounded once)
+        return torch.nn.functional.linear(x, self.dequantize().to(x.dtype))
 
     def rows(self, start: int) -> Int8Weight | None:
         """Output rows ``start:`` (e.g. the K/V part of a fused QKV)."""

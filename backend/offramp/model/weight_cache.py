@@ -200,9 +200,7 @@ def load_quantized(
     path = cache_path(ckpt, gguf, scheme)
     if not path.is_file():
         print(f"offramp: packing {scheme_tag(scheme)} weights once (cached in {path.parent})", file=sys.stderr)
-        blocks = (
-            GGUFBlocks(gguf, shape.num_heads, shape.num_kv_heads) if gguf is not None else None
-        )
+        blocks = GGUFBlocks(gguf, shape.num_heads, shape.num_kv_heads) if gguf is not None else None
         tensors, methods = pack_checkpoint(shape, float_of, scheme, blocks)
         meta = {"scheme": scheme_tag(scheme), "version": str(FORMAT_VERSION), "methods": json.dumps(methods)}
         write_atomically(path, tensors, meta)

@@ -418,14 +418,13 @@ void dot_int8_dispatch(int64_t rows, const float* x, int64_t k, const int8_t* w,
 }
 
 constexpr int64_t kInt8RowTile = 16, kInt8WeightBlock = 64;
-constexpr int64_t kInt8ExactRows = 256;  // above: a prompt chunk (bfloat16 weights, oneDNN); at most: exact
 
 // y = x @ (q * scale).T for x [m, K] bfloat16 (any m), int8 weights q [N, K] and float16 scales [N, K / g]
 // per group of g input columns (g a multiple of 32: GGUF's Q8_0 layout). Blocks of 64 weight rows (kept in
 // cache) against tiles of up to 16 activation rows: with a decode step's few rows every weight row is read
-// once, as one stream. Each row's sums are the same at any batch size up to kInt8ExactRows (decode and
-// verification steps of many sequences); larger prompt chunks: see below.
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+// once, as one stream. Each row's sums are the same at any batch size; from dense_from_rows rows (> 0: a
+// prompt chunk outside the fused step) see below.
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t dense_from_rows) {
   check_bf16(x, "x");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) == x.size(1),
               "q: int8 [N, K]");
@@ -436,7 +435,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   TORCH_CHECK(group % 32 == 0, "int8_mm: groups must be a multiple of 32 columns");
   const int8_t* qp = q.data_ptr<int8_t>();
   const at::Half* sp = scale.data_ptr<at::Half>();
-  if (m > kInt8ExactRows) {
+  if (dense_from_rows > 0 && m >= dense_from_rows) {
     // Prompt chunks: the weights de-quantized to bfloat16 (q * s rounded once, 2^-9 relative) and one
     // bfloat16 matrix product (oneDNN), several times faster than float32 FMAs over many rows.
     auto w = at::empty({n, k}, x.options());
@@ -592,7 +591,7 @@ constexpr int64_t kRowTile = 6;  // 24 accumulators + 4 weight vectors + the bro
 // output rows at a time: its bytes are one sequential stream. Up to kRowTile rows unpack each column pair
 // in registers; more rows unpack a group's pairs once into a buffer that every tile of rows reads.
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group,
-                   int64_t out_features) {
+                   int64_t out_features, int64_t dense_from_rows) {
   check_bf16(x, "x");
   check_bf16(scale_zero, "scale_zero");
   const int64_t m = x.size(0), k = x.size(1), n_pad = packed.size(0);
@@ -602,6 +601,44 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
               "int4_mm: unsupported shape");
   TORCH_CHECK(scale_zero.size(0) == k / group && scale_zero.size(1) == n_pad, "scale_zero: [K / group, N_pad, 2]");
   const int64_t groups = k / group, pairs = group / 2;
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const bf16* szp = scale_zero.data_ptr<bf16>();
+  if (dense_from_rows > 0 && m >= dense_from_rows) {
+    // A prompt chunk: the weights de-quantized once to bfloat16 as w.T [K, N_pad] (each block's 64 rows of
+    // one column are contiguous there, so no transpose; (q - 8) s + z rounded once, 2^-9 relative) and one
+    // bfloat16 product (oneDNN), which is faster than the dot products above over many rows.
+    auto wt = at::empty({k, n_pad}, x.options());
+    bf16* wp = wt.data_ptr<bf16>();
+    at::parallel_for(0, n_pad / 64, 1, [&](int64_t begin, int64_t end) {
+      const __m512i low = _mm512_set1_epi32(15), high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+      for (int64_t nb = begin; nb < end; ++nb) {
+        const uint8_t* block = pp + nb * 64 * (k / 2);
+        for (int64_t g = 0; g < groups; ++g) {
+          const int32_t* lanes = reinterpret_cast<const int32_t*>(szp + (g * n_pad + nb * 64) * 2);
+          __m512 s[4], z[4];  // w = q s + (z - 8 s)
+          for (int j = 0; j < 4; ++j) {
+            const __m512i pair = _mm512_loadu_si512(lanes + j * 16);
+            s[j] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            z[j] = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s[j], _mm512_castsi512_ps(_mm512_and_si512(pair, high_half)));
+          }
+          for (int64_t kk = g * group; kk < (g + 1) * group; ++kk) {
+            const uint8_t* b = block + kk * 32;
+            const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+            const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+            const __m512i q[4] = {_mm512_and_si512(b0, low), _mm512_and_si512(b1, low), _mm512_srli_epi32(b0, 4),
+                                  _mm512_srli_epi32(b1, 4)};
+            __m512 w[4];
+            for (int j = 0; j < 4; ++j) w[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q[j]), s[j], z[j]);
+            bf16* dst = wp + kk * n_pad + nb * 64;
+            _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
+            _mm512_storeu_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]));
+          }
+        }
+      }
+    });
+    auto y = at::mm(x, wt);  // [m, N_pad]
+    return out_features == n_pad ? y : y.narrow(1, 0, out_features).contiguous();
+  }
   const bf16* xp = x.data_ptr<bf16>();
   std::vector<float> xsum(m * groups, 0.f);  // [m, groups]
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
@@ -613,8 +650,6 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const __m512i table = _mm512_loadu_si512(lut);
   auto out = at::empty({m, out_features}, x.options());
   bf16* op = out.data_ptr<bf16>();
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const bf16* szp = scale_zero.data_ptr<bf16>();
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   at::parallel_for(0, n_pad / 64, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> y(m * 64);
@@ -661,7 +696,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return out;
 }
 #else
-at::Tensor int4_mm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t) {
+at::Tensor int4_mm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t) {
   TORCH_CHECK(false, "int4_mm needs AVX-512 with bfloat16 dot products");
 }
 #endif
@@ -688,11 +723,11 @@ at::Tensor linear_w(const at::Tensor& x, const at::Tensor& a, const at::Tensor& 
   if (kind == 0) return bias.numel() ? at::linear(x, a, bias) : at::linear(x, a);
   at::Tensor y;
   if (kind == 1) {
-    y = int8_mm_fast() ? int8_mm(x, a, b)
+    y = int8_mm_fast() ? int8_mm(x, a, b, 0)
                        : at::linear(x, (a.to(at::kFloat) * b.to(at::kFloat).repeat_interleave(group, 1)).to(x.scalar_type()));
   } else {
     if (a.size(0) % 64 == 0 && int4_mm_available()) {
-      y = int4_mm(x, a, b, group, out_features);
+      y = int4_mm(x, a, b, group, out_features, 0);  // decode steps: the same sums at every batch size
     } else {
       y = at::_weight_int4pack_mm_for_cpu(x, a, group, b);
       if (y.size(1) != out_features) y = y.narrow(1, 0, out_features).contiguous();
