@@ -134,3 +134,32 @@ def test_int8_weights_on_cuda_compute_what_the_cpu_engine_does(tiny_models):
     cpu, cuda = logits
     assert ((cuda - cpu).norm() / cpu.norm()).item() < 0.05
     assert (cuda.argmax(-1) == cpu.argmax(-1)).float().mean() >= 0.85
+
+
+def test_int4_weights_on_cuda_compute_what_the_cpu_engine_does(tiny_models):
+    """int4 on CUDA: the CPU layout's codes repacked for torch's tensor-core kernel (``_weight_int4pack_mm``),
+    the same scales and zeros; both sum bfloat16 products in float32 in their own order, so the logits
+    agree to bfloat16 activation rounding and greedy tokens mostly match."""
+    from offramp.model.decoder import final_logits
+    from offramp.model.quant import Int4CudaWeight
+
+    path = str(tiny_models["llama"])
+    prompt, output = [3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15]
+    logits, down = [], None
+    for device in ("cpu", "cuda"):
+        engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", weights="int4", device=device))
+        if device == "cpu":
+            down = engine.weights.layers[0].down.dequantize()  # [N, K] float32, exact (the CPU kernel's path)
+        else:
+            layer = engine.weights.layers[0]
+            assert isinstance(layer.qkv, Int4CudaWeight) and layer.qkv.packed.device.type == "cuda"
+            x = torch.randn(3, down.shape[1], device="cuda").to(torch.bfloat16)
+            ref = x.float() @ down.cuda().t()  # [3, N]: the CPU weights' values
+            got = layer.down.matmul(x).float()
+            torch.testing.assert_close(got, ref, atol=0.02 * ref.abs().max().item(), rtol=0)
+            torch.testing.assert_close(layer.down.dequantize().cpu(), down, atol=0.01 * down.abs().max().item(), rtol=0)
+        _, final = engine.teacher_forced_hidden(prompt, output)
+        logits.append(final_logits(engine.weights, final).float().cpu())
+    cpu, cuda = logits
+    assert ((cuda - cpu).norm() / cpu.norm()).item() < 0.05
+    assert (cuda.argmax(-1) == cpu.argmax(-1)).float().mean() >= 0.85

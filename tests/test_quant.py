@@ -90,6 +90,21 @@ def test_int4_kernel_layout_multiplies_like_its_codes(rows):
     assert linear(x, w).shape == (5, rows)
 
 
+@pytest.mark.parametrize("rows", [72, 128, 200])
+def test_int4_codes_read_back_out_of_the_cpu_layout(rows):
+    """The CUDA kernel packs its own layout from the codes, so the CPU layout must give them back: every
+    code where it was, padding rows at 8 (zero weight), whatever row interleave this CPU's packer uses."""
+    torch.manual_seed(3)
+    codes = quantize_int4(torch.randn(rows, 256), 64)
+    w = int4_weight(nibbles(codes.codes), codes.scale_zero(), 64)
+    back = w.codes()  # [N_pad, K]
+    assert back.shape == (w.packed.shape[0], 256) and back.dtype == torch.uint8
+    assert torch.equal(back[:rows], codes.codes)
+    assert (back[rows:] == 8).all()
+    pairs = back[:, 0::2] << 4 | back[:, 1::2]  # what to_cuda hands the CUDA packer: even columns high
+    assert torch.equal(pairs[:rows] >> 4, codes.codes[:, 0::2]) and torch.equal(pairs[:rows] & 15, codes.codes[:, 1::2])
+
+
 def test_row_slices_of_packed_weights():
     torch.manual_seed(3)
     dense = torch.randn(192, 64)

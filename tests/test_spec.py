@@ -230,7 +230,10 @@ def test_cancellation_mid_draft_frees_pages(tiny_models, reference):
 
 
 def test_lossless_request_with_exits_on_uses_exits_only_as_drafts(tiny_models, reference):
-    engine = _engine(tiny_models, exit_policy="softmax", exit_threshold=0.0)  # every token could leave at once
+    # every token could leave at once; drafts forced (the cost model would pause them on this tiny model)
+    engine = _engine(
+        tiny_models, exit_policy="softmax", exit_threshold=0.0, spec_adaptive=False, spec_draft_threshold=0.0
+    )
     exited = engine.generate([PROMPTS[0]], _greedy())[0]
     assert min(exited.exit_layers) < engine.num_layers
     out = engine.generate([PROMPTS[0]], _greedy(mode="lossless"))[0]
@@ -391,6 +394,18 @@ def test_draft_length_cost_model():
     assert state.num_wanted(10) == 1 and state.num_wanted(999) == 0  # the limit leaves no room
     lengths.record(state, 1, 0)
     assert state.pause == 10  # a retry that does not pay waits twice as long
+    # where no length pays at the prior acceptance (a draft token costing most of a step, int4 rows), a
+    # new sequence starts paused and tries one draft later; ngram's free drafts start at once
+    int4 = DraftLength(verify_costs("bfloat16", "int4", None, 8), retry_steps=5)
+    assert int4.best(0.5, 0.8)[1] < 1.0
+    state = int4.new_state("exit", limit=1000, draft_cost=0.8)
+    assert (state.pause, state.num_draft, state.num_wanted(10)) == (5, 1, 0)
+    for _ in range(5):
+        int4.tick(state)
+    assert state.num_wanted(10) == 1
+    int4.record(state, 1, 0)
+    assert state.pause == 10  # counted as the second try that did not pay
+    assert int4.new_state("ngram", limit=1000, draft_cost=0.0).pause == 0
 
 
 def test_drafts_are_weighed_against_the_whole_step_of_a_batch():

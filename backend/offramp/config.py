@@ -340,8 +340,6 @@ class EngineConfig:
         if self.dtype != "bfloat16":
             why = "" if self.weights == "bf16" else " (x86 has no vectorised float32 kernel for it: ~10-100x slower)"
             raise ValueError(f"weights: {self.weights} computes with bfloat16 activations{why}; use --dtype bfloat16")
-        if self.weights == "int4" and str(getattr(self, "device", None) or "cpu").startswith("cuda"):
-            raise ValueError("weights: int4 runs on the CPU kernels only so far; use --device cpu (int8 runs on CUDA)")
 
     def exit_depths(self, num_layers: int) -> set[int]:
         return config_layout.exit_depths(self, num_layers)

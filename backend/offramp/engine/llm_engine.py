@@ -67,8 +67,12 @@ class LLMEngine:
         if config.backend == "onnxruntime" and self.device.type != "cpu":
             raise ValueError(f"device: the onnxruntime backend runs on cpu here, not {self.device}")
         print(f"offramp: device {self.device}, dtype {config.dtype}, backend {config.backend}", file=sys.stderr)
-        if config.weights == "int4" and self.device.type != "cpu":  # int8 elsewhere: an upcast product (quant.py)
-            raise ValueError("weights: int4 runs on the CPU kernels only so far; use --device cpu (int8 runs on CUDA)")
+        if (
+            config.weights == "int4"
+            and self.device.type == "cuda"
+            and torch.cuda.get_device_capability(self.device) < (8, 0)
+        ):
+            raise ValueError(f"weights: int4 on CUDA needs compute capability 8.0 or newer ({self.device} has less)")
         gguf = source_gguf(config.model)  # int4: its 4-bit blocks are used as stored
         weights, self.hf_config = load_weights(
             self.checkpoint, self.dtype, config.weights, config.weight_group_size, gguf

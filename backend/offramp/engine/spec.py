@@ -36,7 +36,8 @@ lookup; d layers plus the head for ``exit``, by weight bytes). After each verifi
 becomes the k with the best gain, so it grows while drafts are accepted and shrinks on rejections;
 when no k gains (best gain < 1) the sequence decodes plainly for ``retry_steps`` steps, then retries
 with one draft (its evidence kept: one more miss pauses it again, twice as long, up to 16x). A new
-sequence starts at the best length for an acceptance of one half.
+sequence starts at the best length for an acceptance of one half, or paused where even that does not
+pay (exit drafts with int4 weights on a CPU: a draft token costs most of a step).
 """
 
 from __future__ import annotations
@@ -132,8 +133,14 @@ class DraftLength:
         self.retry_steps, self.adaptive, self.decay = retry_steps, adaptive, decay
 
     def new_state(self, source: str, limit: int, draft_cost: float) -> SpecState:
-        """A new sequence starts at the best length for the prior acceptance (one half)."""
-        start = self.best(PRIOR_ACCEPTANCE, draft_cost)[0] if self.adaptive else self.max_draft
+        """A new sequence starts at the best length for the prior acceptance (one half); where no length
+        pays at that acceptance (costly draft passes, costly verification rows) it starts paused, as if
+        a first try had not paid, and tries one draft after ``retry_steps``."""
+        if not self.adaptive:
+            return SpecState(source, limit, draft_cost, self.max_draft)
+        start, gain = self.best(PRIOR_ACCEPTANCE, draft_cost)
+        if gain < 1.0:
+            return SpecState(source, limit, draft_cost, 1, pause=self.retry_steps, num_pauses=1)
         return SpecState(source, limit, draft_cost, start)
 
     def step_time(self, rows: int) -> float:

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from offramp.config import DEVICE_PATTERN
+from offramp.model.quant import Int4CudaWeight, Int4Weight
 
 
 def available_devices() -> list[str]:
@@ -29,9 +30,14 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def to_device(obj, device: torch.device):
-    """``obj`` with every tensor in it (dataclass fields, lists, dicts, nested) on ``device``."""
+    """``obj`` with every tensor in it (dataclass fields, lists, dicts, nested) on ``device``. int4 weights
+    change layout on the way to a GPU (torch's CPU and CUDA int4 kernels pack differently)."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
+    if isinstance(obj, Int4Weight) and device.type == "cuda":
+        return obj.to_cuda(device)
+    if isinstance(obj, Int4CudaWeight) and device.type != "cuda":
+        raise ValueError(f"weights int4: CUDA-packed weights cannot move to {device}; load them there")
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {f.name: to_device(getattr(obj, f.name), device) for f in dataclasses.fields(obj)}
         return dataclasses.replace(obj, **changes)

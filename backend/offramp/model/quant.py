@@ -20,6 +20,7 @@ each block's range closely; and the Q8_0 head is then used as stored.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -127,9 +128,88 @@ class Int4Weight:
         cols = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scale_zero.float())
         return cols.t()[: self.out_features].contiguous()
 
+    def codes(self) -> torch.Tensor:  # [N_pad, K] uint8 codes 0..15, read back out of the CPU layout
+        n_pad, k = self.packed.shape[0], self.packed.shape[1] * 2
+        flat = torch.empty(n_pad * k, dtype=torch.uint8)
+        flat[_cpu_layout_sources(n_pad, k)] = _nibbles_in_order(self.packed).to(torch.uint8)
+        return flat.view(n_pad, k)
 
-QuantWeight = Int8Weight | Int4Weight
-Weight = torch.Tensor | Int8Weight | Int4Weight
+    def to_cuda(self, device: torch.device) -> Int4CudaWeight:
+        """The same codes, scales and zeros in the layout of torch's CUDA int4 kernel."""
+        k = self.packed.shape[1] * 2
+        if self.group_size not in INT4_CUDA_GROUPS:
+            sizes = ", ".join(map(str, INT4_CUDA_GROUPS))
+            raise ValueError(f"weight_group_size: {self.group_size} is not one the CUDA int4 kernel takes ({sizes})")
+        tiles = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
+        if tiles is None:
+            raise ValueError(f"weights int4 on CUDA: the input width {k} is not a multiple of 32")
+        codes = self.codes()  # [N_pad, K], N_pad a multiple of 16 (the CUDA kernel needs 8)
+        pairs = (codes[:, 0::2] << 4 | codes[:, 1::2]).contiguous()  # [N_pad, K // 2]: even column high
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs.to(device), tiles)
+        return Int4CudaWeight(packed, self.scale_zero.to(device), self.group_size, self.out_features, k)
+
+
+INT4_CUDA_GROUPS = (32, 64, 128, 256)  # group sizes torch's CUDA int4 kernel takes
+
+
+@dataclass(slots=True)
+class Int4CudaWeight:
+    """``Int4Weight``'s codes, scales and zeros in torch's CUDA layout (tiles for ``_weight_int4pack_mm``,
+    the tensor-core kernel of gpt-fast/torchao): made from the CPU form when the model moves to a GPU."""
+
+    packed: torch.Tensor  # [N_pad / 8, K / (inner_k_tiles * 16), 32, inner_k_tiles / 2] int32
+    scale_zero: torch.Tensor  # [K // group_size, N_pad, 2] bfloat16: w = (q - 8) * scale + zero
+    group_size: int
+    out_features: int  # N: rows beyond it are zero padding
+    in_features: int  # K
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def nbytes(self) -> int:
+        return _nbytes(self.packed, self.scale_zero)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [n, K] bfloat16 -> [n, N] bfloat16
+        y = torch.ops.aten._weight_int4pack_mm(x.contiguous(), self.packed, self.group_size, self.scale_zero)
+        return y if y.shape[1] == self.out_features else y[:, : self.out_features]
+
+    def rows(self, start: int) -> None:
+        """The tiles interleave output rows: never cut (the caller runs the whole product)."""
+        return None
+
+    def dequantize(self) -> torch.Tensor:  # [N, K] float32 (through the kernel: bfloat16 results)
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        return self.matmul(eye).t().float().contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def _cpu_layout_sources(n: int, k: int) -> torch.Tensor:
+    """For each nibble of torch's CPU int4 packing of an [n, k] matrix (byte by byte, low nibble first),
+    the flat index ``row * k + col`` of the code it holds. Found by packing probe matrices whose codes
+    are the 4-bit digits of each position's index, so it holds for whichever layout this CPU's packer
+    uses (the layout follows the vector width)."""
+    flat = torch.arange(n * k, dtype=torch.int64)
+    src = torch.zeros(n * k, dtype=torch.int64)
+    for shift in range(0, max(4, (n * k - 1).bit_length()), 4):
+        probe = ((flat >> shift) & 15).to(torch.int32).view(n, k)
+        src |= _nibbles_in_order(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)) << shift
+    if not torch.equal(torch.sort(src).values, flat):
+        raise RuntimeError("torch's CPU int4 packing is not a permutation of the codes: it cannot be read back")
+    return src
+
+
+def _nibbles_in_order(packed: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] uint8 -> [rows * cols * 2] int64: each byte's low nibble, then its high nibble."""
+    wide = packed.to(torch.int64)
+    return torch.stack((wide & 15, wide >> 4), dim=-1).reshape(-1)
+
+
+QuantWeight = Int8Weight | Int4Weight | Int4CudaWeight
+Weight = torch.Tensor | Int8Weight | Int4Weight | Int4CudaWeight
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
