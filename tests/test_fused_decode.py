@@ -156,6 +156,59 @@ def test_mixed_step_runs_decode_rows_fused_and_prompt_chunks_eager(ops, tiny_mod
         assert torch.equal(mixed_kv.k[i], apart_kv.k[i]) and torch.equal(mixed_kv.v[i], apart_kv.v[i])
 
 
+@pytest.mark.parametrize("weights_format", ["bf16", "int4"])
+def test_batch_invariant_prompt_rows_do_not_depend_on_the_chunking(ops, tiny_models, weights_format, monkeypatch):
+    """batch_invariant: prompt chunks run fused too, so a prompt's rows and K/V come out the same bits
+    whether it runs in one chunk beside decode rows or in two chunks of its own, and within bfloat16
+    rounding of the eager layers (attending in float32, as the fused kernel does)."""
+    from offramp.blocks.torch_backend import TorchBackend
+
+    weights, _ = load_weights(tiny_models["llama"], torch.bfloat16, weights_format, 32)
+    s = weights.shape
+    cos, sin = rope_tables(weights.inv_freq, 64, weights.attention_scaling, torch.bfloat16)
+    blocks = [(0, s.num_layers // 2), (s.num_layers // 2, s.num_layers)]
+    pages = [4, 5, 6, 7, 8]
+    x = torch.randn(21, s.hidden_size, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    kv = _filled_store(s, 12, seed=9)
+
+    def run(seqs, hidden, store, invariant=True):
+        backend = TorchBackend(weights, store, blocks, fused=True, invariant=invariant)
+        meta = build_metadata(seqs, PAGE, cos, sin)
+        for b in range(len(blocks)):
+            hidden = backend.run_block(b, hidden, meta)
+        return hidden
+
+    one_kv, two_kv = _clone(kv), _clone(kv)
+    one = run([SeqSlice(3, 1, [3]), SeqSlice(0, 20, pages)], x, one_kv)[1:]  # a decode row, then the prompt
+    run([SeqSlice(3, 1, [3])], x[:1], two_kv)  # the decode row in a step of its own
+    first = run([SeqSlice(0, 7, pages)], x[1:8], two_kv)
+    second = run([SeqSlice(7, 13, pages)], x[8:], two_kv)
+    assert torch.equal(one, torch.cat([first, second]))
+    for i in range(s.num_layers):
+        assert torch.equal(one_kv.k[i], two_kv.k[i]) and torch.equal(one_kv.v[i], two_kv.v[i])
+    real_attention = attention._group_attention
+    monkeypatch.setattr(
+        attention,
+        "_group_attention",
+        lambda q, k, v, g, p: real_attention(q.float(), k.float(), v.float(), g, p).to(q.dtype),
+    )
+    eager = run([SeqSlice(0, 20, pages)], x[1:], _clone(kv), invariant=False)  # the chunk runs eager
+    torch.testing.assert_close(one.float(), eager.float(), rtol=1 / 128, atol=0.01 * eager.float().abs().max().item())
+
+
+def test_batch_invariance_is_on_where_the_server_speculates(tiny_models):
+    def backend(**kw):
+        config = EngineConfig(model=str(tiny_models["llama"]), dtype="bfloat16", weights="int4", page_size=PAGE, **kw)
+        return LLMEngine(config).runner.backend
+
+    assert backend().max_rows == fused.MAX_ROWS_PER_SEQ
+    assert backend(spec="ngram").max_rows == fused.ALL_ROWS
+    assert backend(spec="ngram", batch_invariant=False).max_rows == fused.MAX_ROWS_PER_SEQ
+    assert backend(batch_invariant=True).max_rows == fused.ALL_ROWS
+    with pytest.raises(ValueError, match="batch_invariant: must be true, false or null"):
+        EngineConfig(batch_invariant="yes")
+
+
 def test_bad_metadata_is_refused_not_read_out_of_bounds(ops, tiny_models):
     weights, _ = load_weights(tiny_models["llama"], torch.bfloat16, "bf16", 32)
     s = weights.shape

@@ -107,6 +107,12 @@ class EngineConfig:
         "torch backend, CPU, bfloat16: decode steps run the small ops between the matrix products as fused C++ "
         "kernels (compiled once on first use; eager where no compiler is found)",
     )
+    batch_invariant: bool | None = option(
+        None,
+        "torch backend, CPU, bfloat16, fused decode: prompt chunks also run through the fused per-row kernels, so "
+        "every row computes the same bits whatever shares its step (lossless speculation then matches plain "
+        "greedy at any concurrency; prompts prefill slower); default: on when spec is not none",
+    )
     use_chat_template: bool = option(True, "wrap prompts in the tokenizer's chat template (--raw: send raw text)")
     seed: int = option(0, "seed of the random streams of requests that name no seed of their own")
     exit_policy: str = option(
@@ -194,6 +200,8 @@ class EngineConfig:
             raise ValueError(f"backend: {self.backend!r} is not one of {', '.join(BACKENDS)}")
         self._check_weights()
         self._check_placement()
+        if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant: must be true, false or null (auto), got {self.batch_invariant!r}")
         if self.backend != "torch" and self.dtype != "float32":
             raise ValueError(f"dtype: the {self.backend} backend runs the float32 export; use dtype float32")
         if self.trt_precision not in TRT_PRECISIONS:
@@ -340,6 +348,11 @@ class EngineConfig:
         if self.dtype != "bfloat16":
             why = "" if self.weights == "bf16" else " (x86 has no vectorised float32 kernel for it: ~10-100x slower)"
             raise ValueError(f"weights: {self.weights} computes with bfloat16 activations{why}; use --dtype bfloat16")
+
+    @property
+    def rows_invariant(self) -> bool:
+        """``batch_invariant`` resolved: as set, else on where the server speculates."""
+        return self.batch_invariant if self.batch_invariant is not None else self.spec != "none"
 
     def exit_depths(self, num_layers: int) -> set[int]:
         return config_layout.exit_depths(self, num_layers)

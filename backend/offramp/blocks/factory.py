@@ -38,7 +38,7 @@ def build_backend(
     if config.backend == "torch":
         from offramp.blocks.torch_backend import TorchBackend
 
-        return TorchBackend(weights, kv, block_ranges, fused=config.fused_decode)
+        return TorchBackend(weights, kv, block_ranges, fused=config.fused_decode, invariant=config.rows_invariant)
     if export_dir is None:
         raise ValueError(f"backend {config.backend}: needs an export directory (offramp export)")
     if config.backend == "onnxruntime":

@@ -16,13 +16,20 @@ class TorchBackend(BlockBackend):
 
     With ``fused`` (and bfloat16 activations on the CPU), the rows of sequences that bring at most a few
     (decodes, verification, redo rows) run each block in one call of the fused kernels (``model.fused``);
-    prompt chunks run eager, in their own part of a mixed step.
+    prompt chunks run eager, in their own part of a mixed step, or with ``invariant`` fused too, so that
+    every row's bits are the same whatever shares its step or how its prompt was chunked.
     """
 
     def __init__(
-        self, weights: ModelWeights, kv: KVStore, block_ranges: list[tuple[int, int]], fused: bool = False
+        self,
+        weights: ModelWeights,
+        kv: KVStore,
+        block_ranges: list[tuple[int, int]],
+        fused: bool = False,
+        invariant: bool = False,
     ) -> None:
         super().__init__(weights, kv, block_ranges)
+        self.max_rows = fused_ops.ALL_ROWS if invariant else fused_ops.MAX_ROWS_PER_SEQ
         on_cpu = all(t.device.type == "cpu" for t in kv.k if t.numel())
         wants = fused and kv.dtype == torch.bfloat16 and on_cpu and not kv.head_major
         self.fused = fused_ops.kernels() if wants else None
@@ -31,10 +38,10 @@ class TorchBackend(BlockBackend):
             self._packed = [fused_ops.pack_layers(weights.layers[a:b]) for a, b in block_ranges]
 
     def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.fused is None or not fused_ops.can_fuse_some(hidden, meta):
+        if self.fused is None or not fused_ops.can_fuse_some(hidden, meta, self.max_rows):
             return self._eager(block_idx, hidden, meta)
         if self._runs[0] is not meta:  # every block of a step shares its runs and the rows' page tables
-            runs = fused_ops.split_step(meta)
+            runs = fused_ops.split_step(meta, self.max_rows)
             self._runs = (meta, [(lo, hi, sub, fused_ops.row_pages(sub) if ok else None) for lo, hi, sub, ok in runs])
         runs = self._runs[1]
         if len(runs) == 1:

@@ -88,35 +88,42 @@ DENSE_FROM_ROWS = 256
 MAX_ROWS_PER_SEQ = 16  # a sequence bringing more new rows (a prompt chunk) runs eager: SDPA is the better kernel there
 
 
-def can_fuse(hidden: torch.Tensor, meta: AttentionMetadata) -> bool:
+ALL_ROWS = 1 << 62  # max_rows of a batch-invariant engine: prompt chunks run fused too
+
+
+def can_fuse(hidden: torch.Tensor, meta: AttentionMetadata, max_rows: int = MAX_ROWS_PER_SEQ) -> bool:
     """Whether a step's rows can take the fused path: bfloat16 on the CPU and no sequence bringing more
-    than ``MAX_ROWS_PER_SEQ`` rows (decodes, draft verification, redo rows; ``split_step`` separates a
-    mixed step). The caller checks the K/V store is slot-major."""
-    return can_fuse_some(hidden, meta) and all(fusable_group(g) for g in meta.groups)
+    than ``max_rows`` rows (decodes, draft verification, redo rows; ``split_step`` separates a mixed
+    step). The caller checks the K/V store is slot-major."""
+    return can_fuse_some(hidden, meta, max_rows) and all(fusable_group(g, max_rows) for g in meta.groups)
 
 
-def can_fuse_some(hidden: torch.Tensor, meta: AttentionMetadata) -> bool:
+def can_fuse_some(hidden: torch.Tensor, meta: AttentionMetadata, max_rows: int = MAX_ROWS_PER_SEQ) -> bool:
     """Whether some of a step's rows can take the fused path (see ``split_step``)."""
     return (
         hidden.dtype == torch.bfloat16
         and hidden.device.type == "cpu"
-        and any(fusable_group(g) for g in meta.groups)
+        and any(fusable_group(g, max_rows) for g in meta.groups)
         and meta.page_size & (meta.page_size - 1) == 0  # the kernel finds slots by shifts
     )
 
 
-def fusable_group(g: AttentionGroup) -> bool:
-    return g.max_new <= MAX_ROWS_PER_SEQ
+def fusable_group(g: AttentionGroup, max_rows: int = MAX_ROWS_PER_SEQ) -> bool:
+    return g.max_new <= max_rows
 
 
-def split_step(meta: AttentionMetadata) -> list[tuple[int, int, AttentionMetadata, bool]]:
+def split_step(
+    meta: AttentionMetadata, max_rows: int = MAX_ROWS_PER_SEQ
+) -> list[tuple[int, int, AttentionMetadata, bool]]:
     """A step's rows as runs of consecutive groups that the fused kernels take (decodes, verification and
-    redo rows) or not (prompt chunks): ``(row_start, row_end, the run's own metadata, fusable)``. A mixed
-    step runs each run its way: sequences never read each other's rows, and a decode row then computes
-    the same bits whatever shares its step (which lossless speculation relies on)."""
+    redo rows; with ``max_rows`` = ``ALL_ROWS`` prompt chunks too) or not (prompt chunks):
+    ``(row_start, row_end, the run's own metadata, fusable)``. A mixed step runs each run its way:
+    sequences never read each other's rows, and a decode row then computes the same bits whatever
+    shares its step (which lossless speculation relies on). Fused rows compute the same bits in any
+    step; eager prompt rows follow the chunk (SDPA's and oneDNN's sums depend on the shapes)."""
     runs: list[list[AttentionGroup]] = []
     for g in meta.groups:
-        if runs and fusable_group(runs[-1][-1]) == fusable_group(g):
+        if runs and fusable_group(runs[-1][-1], max_rows) == fusable_group(g, max_rows):
             runs[-1].append(g)
         else:
             runs.append([g])
@@ -129,7 +136,7 @@ def split_step(meta: AttentionMetadata) -> list[tuple[int, int, AttentionMetadat
         sub = AttentionMetadata(
             meta.positions[lo:hi], meta.slot_mapping[lo:hi], meta.cos[lo:hi], meta.sin[lo:hi], shifted, meta.page_size
         )
-        out.append((lo, hi, sub, fusable_group(groups[0])))
+        out.append((lo, hi, sub, fusable_group(groups[0], max_rows)))
     return out
 
 

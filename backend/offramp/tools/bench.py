@@ -14,6 +14,7 @@ from tqdm import tqdm
 from offramp.engine.llm_engine import LLMEngine
 from offramp.engine.sampling import SamplingParams
 from offramp.engine.sequence import Sequence
+from offramp.model import fused
 from offramp.model.weight_bytes import resident_weight_bytes, weight_bytes_per_token
 
 
@@ -218,6 +219,7 @@ def bench(
         "weight_bytes": resident_weight_bytes(engine.weights),
         "weight_bytes_per_token": weight_bytes_per_token(engine.weights),
         "layers_per_block": engine.config.layers_per_block,
+        "batch_invariant": _batch_invariant(engine),
         "placement": None if engine.placement is None else engine.placement.as_dict(),  # devices / stages
         "concurrency": concurrency,
         "num_requests": num_requests,
@@ -324,6 +326,12 @@ def _spec_metrics(engine: LLMEngine, metrics: dict) -> dict:
         "mean_accepted_per_verify": round(accepted / verified, 3) if verified else None,
         "draft_cost_frac": round(stats.draft_s / metrics["wall_s"], 4) if metrics["wall_s"] else None,
     }
+
+
+def _batch_invariant(engine: LLMEngine) -> bool:
+    """Whether every row runs the fused per-row kernels (``batch_invariant`` in effect)."""
+    backend = engine.runner.backend
+    return getattr(backend, "fused", None) is not None and getattr(backend, "max_rows", 0) == fused.ALL_ROWS
 
 
 def _spec_vs_plain(
