@@ -196,6 +196,47 @@ def test_batch_invariant_prompt_rows_do_not_depend_on_the_chunking(ops, tiny_mod
     torch.testing.assert_close(one.float(), eager.float(), rtol=1 / 128, atol=0.01 * eager.float().abs().max().item())
 
 
+def test_fuzzy_draft_rows_run_fused(ops, tiny_models, monkeypatch):
+    """easyspec's draft pass (``run_fuzzy``) takes the fused kernels for decode-like rows: group 1 gives
+    the bits of the fused block walk, group 2 adds the fused layers' updates as the eager pass adds the
+    eager layers' (within bfloat16 rounding of it), one kernel call per layer."""
+    from offramp.blocks.torch_backend import TorchBackend
+
+    weights, _ = load_weights(tiny_models["llama"], torch.bfloat16, "int4", 32)
+    s = weights.shape
+    cos, sin = rope_tables(weights.inv_freq, 64, weights.attention_scaling, torch.bfloat16)
+    blocks = [(i, i + 1) for i in range(s.num_layers)]
+    meta = build_metadata([SeqSlice(9, 1, [0, 1, 2]), SeqSlice(3, 2, [3, 4])], PAGE, cos, sin)
+    x = torch.randn(3, s.hidden_size, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    kv = _filled_store(s, 12, seed=11)
+
+    def backend(store, fused_decode=True):
+        return TorchBackend(weights, store, blocks, fused=fused_decode, invariant=True)
+
+    walk, walk_kv = x, _clone(kv)
+    walked = backend(walk_kv)
+    for b in range(len(blocks)):
+        walk = walked.run_block(b, walk, meta)
+    calls = []
+    real = fused.decode_layers
+    monkeypatch.setattr(fused, "decode_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    exact_kv = _clone(kv)
+    assert torch.equal(backend(exact_kv).run_fuzzy(x, meta, s.num_layers, 1), walk)
+    assert len(calls) == s.num_layers
+    for i in range(s.num_layers):
+        assert torch.equal(exact_kv.k[i], walk_kv.k[i]) and torch.equal(exact_kv.v[i], walk_kv.v[i])
+    fuzzy = backend(_clone(kv)).run_fuzzy(x, meta, s.num_layers, 2)
+    assert not torch.equal(fuzzy, walk)  # stale inputs: not the exact walk
+    real_attention = attention._group_attention
+    monkeypatch.setattr(
+        attention,
+        "_group_attention",
+        lambda q, k, v, g, p: real_attention(q.float(), k.float(), v.float(), g, p).to(q.dtype),
+    )
+    eager = backend(_clone(kv), fused_decode=False).run_fuzzy(x, meta, s.num_layers, 2)
+    torch.testing.assert_close(fuzzy.float(), eager.float(), rtol=1 / 64, atol=0.02 * eager.float().abs().max().item())
+
+
 def test_batch_invariance_is_on_where_the_server_speculates(tiny_models):
     def backend(**kw):
         config = EngineConfig(model=str(tiny_models["llama"]), dtype="bfloat16", weights="int4", page_size=PAGE, **kw)

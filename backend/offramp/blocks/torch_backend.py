@@ -34,6 +34,7 @@ class TorchBackend(BlockBackend):
         wants = fused and kv.dtype == torch.bfloat16 and on_cpu and not kv.head_major
         self.fused = fused_ops.kernels() if wants else None
         self._runs: tuple[AttentionMetadata | None, list] = (None, [])
+        self._packed_layer: dict[int, tuple[list[torch.Tensor], list[int]]] = {}
         if self.fused is not None:  # each block's weights as the extension reads them, gathered once
             self._packed = [fused_ops.pack_layers(weights.layers[a:b]) for a, b in block_ranges]
 
@@ -82,10 +83,35 @@ class TorchBackend(BlockBackend):
 
     def run_fuzzy(self, hidden: torch.Tensor, meta: AttentionMetadata, depth: int, group: int) -> torch.Tensor:
         w, kv, shape = self.weights.layers, self.kv, self.weights.shape
+        # draft rows are decode-like (a few per sequence): one fused call per layer where the kernels serve them
+        pages = (
+            fused_ops.row_pages(meta)
+            if self.fused is not None and fused_ops.can_fuse(hidden, meta, self.max_rows)
+            else None
+        )
         for first in range(0, depth, group):
             x = hidden  # [num_tokens, hidden]: what every layer of this group reads
             for layer in range(first, min(first + group, depth)):
-                # decoder_layer returns x + its update; with one layer per group this is the exact walk
-                out = decoder_layer(w[layer], x, meta, kv.k[layer], kv.v[layer], shape)
+                # a layer returns x + its update; with one layer per group this is the exact walk
+                if pages is None:
+                    out = decoder_layer(w[layer], x, meta, kv.k[layer], kv.v[layer], shape)
+                else:
+                    out = fused_ops.decode_layers(
+                        self.fused,
+                        [w[layer]],
+                        x,
+                        meta,
+                        kv.k[layer : layer + 1],
+                        kv.v[layer : layer + 1],
+                        shape,
+                        pages,
+                        self._layer_packed(layer),
+                    )
                 hidden = out if hidden is x else hidden + (out - x)
         return hidden
+
+    def _layer_packed(self, layer: int) -> tuple[list[torch.Tensor], list[int]]:
+        """One layer's weights as the extension reads them (``pack_layers``), gathered on first use."""
+        if layer not in self._packed_layer:
+            self._packed_layer[layer] = fused_ops.pack_layers([self.weights.layers[layer]])
+        return self._packed_layer[layer]

@@ -35,13 +35,15 @@ nearly free (8 drafts: 1.2x). ``draft_cost``: one draft token relative to a deco
 lookup; d layers plus the head for ``exit``, by weight bytes). After each verification the length
 becomes the k with the best gain, so it grows while drafts are accepted and shrinks on rejections;
 when no k gains (best gain < 1) the sequence decodes plainly for ``retry_steps`` steps, then retries
-with one draft (its evidence kept: one more miss pauses it again, twice as long, up to 16x). A new
+with one draft (its evidence kept: one more miss pauses it again, twice as long, up to 16x); a costly
+retry waits long enough that a miss costs at most 2 % of the steps waited. A new
 sequence starts at the best length for an acceptance of one half, or paused where even that does not
 pay (exit drafts with int4 weights on a CPU: a draft token costs most of a step).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +63,7 @@ VERIFY_STEP_COST = {
 # Formats without a measured table (e.g. on a GPU): per extra row, linear.
 VERIFY_ROW_COST = {("bfloat16", "int8"): 0.1, ("bfloat16", "int4"): 0.3}
 PRIOR_ACCEPTANCE = 0.5  # before any evidence: one accepted token and one rejection
+PROBE_BUDGET = 0.02  # a retry that does not pay may cost at most this share of the steps paused before it
 
 
 @dataclass(slots=True)
@@ -140,8 +143,15 @@ class DraftLength:
             return SpecState(source, limit, draft_cost, self.max_draft)
         start, gain = self.best(PRIOR_ACCEPTANCE, draft_cost)
         if gain < 1.0:
-            return SpecState(source, limit, draft_cost, 1, pause=self.retry_steps, num_pauses=1)
+            return SpecState(source, limit, draft_cost, 1, pause=self.pause_steps(0, draft_cost), num_pauses=1)
         return SpecState(source, limit, draft_cost, start)
+
+    def pause_steps(self, num_pauses: int, draft_cost: float) -> int:
+        """Plain steps before the next retry: ``retry_steps``, doubled per pause in a row (up to 16x), and
+        at least what keeps a rejected one-draft retry (its draft pass and verification row) within
+        ``PROBE_BUDGET`` of the steps waited (exit drafts with int4 weights on a CPU: ~48 steps)."""
+        probe = self.costs[1] - 1.0 + draft_cost
+        return max(self.retry_steps << min(num_pauses, 4), math.ceil(probe / PROBE_BUDGET - 1e-9))
 
     def step_time(self, rows: int) -> float:
         """A step of ``rows`` rows relative to one row (the table read as rows = 1 + k, extended by its
@@ -176,7 +186,7 @@ class DraftLength:
         state.rejected_ema = self.decay * state.rejected_ema + (num_accepted < num_drafted)
         k, gain = self.best(state.acceptance, state.draft_cost, batch)
         if gain < 1.0:  # drafting does not pay now: decode plainly for a while, then retry small
-            state.pause, k = self.retry_steps << min(state.num_pauses, 4), 1
+            state.pause, k = self.pause_steps(state.num_pauses, state.draft_cost), 1
             state.num_pauses += 1
         else:
             state.num_pauses = 0
