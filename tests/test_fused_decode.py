@@ -323,7 +323,9 @@ def test_int4_product_is_torchs_kernel(ops, rows):
     from offramp.model.quant import int4_weight, nibbles, quantize_int4
 
     if not ops.int4_mm_available():  # torch packs for the CPU's vector width; the engine then keeps its kernel
-        pytest.skip("int4_mm does not run here (no AVX512-BF16, or torch's int4 packing is not the AVX-512 one)")
+        pytest.skip(
+            "int4_mm does not run here (neither AVX512-BF16 nor AVX2, or torch's int4 packing is not the one it reads)"
+        )
     gen = torch.Generator().manual_seed(0)
     codes = quantize_int4(torch.randn(192, 128, generator=gen), 32)  # three blocks of 64 rows
     w = int4_weight(nibbles(codes.codes), codes.scale_zero(), 32)

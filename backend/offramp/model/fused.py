@@ -49,6 +49,7 @@ def kernels() -> ModuleType | None:
                 if ops.int8_mm_fast():
                     quant.INT8_MM[0] = lambda x, q, s: ops.int8_mm(x, q, s, DENSE_FROM_ROWS)
                 if ops.int4_mm_available():
+                    quant.INT4_MM_BLOCK[0] = ops.int4_block_rows()
                     quant.INT4_MM[0] = lambda x, p, sz, g, n: ops.int4_mm(x, p, sz, g, n, DENSE_FROM_ROWS)
             except Exception as exc:  # no compiler, no ninja, a failed build: eager decode still works
                 lines = str(exc).strip().splitlines() or [""]

@@ -34,6 +34,7 @@ INT8_MM: list = [None]
 # The int4 product of any number of rows in torch's CPU layout (bfloat16 dot products; 1.3-1.8x faster than
 # torch's kernel from 2 rows on, and the same float32 sums for every batch size); set by ``model.fused``.
 INT4_MM: list = [None]
+INT4_MM_BLOCK = [ROW_BLOCK]  # output rows per block of the layout INT4_MM reads (64 with AVX-512, 32 with AVX2)
 
 
 @dataclass(slots=True)
@@ -110,7 +111,7 @@ class Int4Weight:
         return _nbytes(self.packed, self.scale_zero)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [n, K] bfloat16 -> [n, N] bfloat16
-        if INT4_MM[0] is not None and x.device.type == "cpu" and self.packed.shape[0] % ROW_BLOCK == 0:
+        if INT4_MM[0] is not None and x.device.type == "cpu" and self.packed.shape[0] % INT4_MM_BLOCK[0] == 0:
             return INT4_MM[0](x.contiguous(), self.packed, self.scale_zero, self.group_size, self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size, self.scale_zero)
         return y if y.shape[1] == self.out_features else y[:, : self.out_features]

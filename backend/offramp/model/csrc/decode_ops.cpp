@@ -17,6 +17,12 @@
 #else
 #define OFFRAMP_DP 0
 #endif
+// Without them, AVX2 with FMA has its own int4 product (float32 FMAs).
+#if !OFFRAMP_DP && defined(__AVX2__) && defined(__FMA__)
+#define OFFRAMP_AVX2 1
+#else
+#define OFFRAMP_AVX2 0
+#endif
 
 namespace {
 
@@ -399,6 +405,29 @@ void dot_int8(const float* x, int64_t k, const int8_t* w, const float* s, int64_
     }
   }
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  auto wv = [&](int64_t at, __m256 sv) {
+    return _mm256_mul_ps(
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + at)))), sv);
+  };
+  for (int64_t j = 0; j < k; j += 32) {
+    const __m256 sv = _mm256_set1_ps(s[j / group]);
+    const __m256 w0 = wv(j, sv), w1 = wv(j + 8, sv), w2 = wv(j + 16, sv), w3 = wv(j + 24, sv);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * k + j;
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), w1, acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), w2, acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), w3, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {  // horizontal sum, one order for every R
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    out[r] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
 #else
   for (int r = 0; r < R; ++r) {
     float acc = 0.f;
@@ -483,6 +512,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return out;
 }
 
+#if OFFRAMP_DP
 // Does torch's CPU int4 packing on this machine use the layout int4_mm reads? Blocks of 64 output
 // rows; per block and input column k, 32 bytes: byte d holds row d (low nibble) and row d + 32 (high).
 // The layout follows the CPU's vector width, so it is checked once by packing a known matrix.
@@ -504,7 +534,6 @@ bool int4_layout_matches() {
   return ok;
 }
 
-#if OFFRAMP_DP
 // The int4 product as bfloat16 dot products (vdpbf16ps: each float32 lane adds a[2i] b[2i] + a[2i+1] b[2i+1]).
 // A pair of input columns (k, k + 1) of one block's 64 rows unpacks to four vectors whose 32-bit lane i
 // holds (q - 8) of row 16 j + i at k and at k + 1 as bfloat16 (exact: small integers; the lookup is one
@@ -695,18 +724,166 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   });
   return out;
 }
+#elif OFFRAMP_AVX2
+// AVX2 machines (no AVX-512): torch's CPU int4 layout there is blocks of 32 output rows; per block and
+// input column k, 16 bytes: byte d holds row d (low nibble) and row d + 16 (high). float32 FMAs: each
+// group's codes unpack once to float32 ([group][32], in L1) for every row of the step, then per row
+// acc = sum_k x[r, k] q[k] and y += s acc + (z - 8 s) sum_k x[r, k] (w = (q - 8) s + z). Each row's sums
+// run in one order whatever the number of rows beside it (batch-invariant, as above).
+
+bool int4_layout_matches() {
+  static const bool ok = [] {
+    auto codes = at::arange(32 * 64, at::kInt).remainder(16).reshape({32, 64}).contiguous();
+    codes = (codes + at::arange(32, at::kInt).reshape({32, 1})).remainder(16).contiguous();  // row-dependent
+    auto packed = at::_convert_weight_to_int4pack_for_cpu(codes, 1).contiguous();
+    if (packed.size(0) != 32 || packed.size(1) != 32) return false;
+    const uint8_t* p = packed.data_ptr<uint8_t>();
+    const int32_t* c = codes.data_ptr<int32_t>();
+    for (int64_t k = 0; k < 64; ++k)
+      for (int64_t d = 0; d < 16; ++d) {
+        const uint8_t b = p[k * 16 + d];
+        if ((b & 15) != c[d * 64 + k] || (b >> 4) != c[(d + 16) * 64 + k]) return false;
+      }
+    return true;
+  }();
+  return ok;
+}
+
+constexpr int64_t kInt4Block = 32, kAvx2RowTile = 3;
+
+inline void unpack_column16(const uint8_t* b, float* dst) {  // 16 bytes -> rows 0..31 as float32 codes
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m256i low = _mm256_set1_epi32(15);
+  const __m256i b0 = _mm256_cvtepu8_epi32(bytes), b1 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+  _mm256_store_ps(dst, _mm256_cvtepi32_ps(_mm256_and_si256(b0, low)));
+  _mm256_store_ps(dst + 8, _mm256_cvtepi32_ps(_mm256_and_si256(b1, low)));
+  _mm256_store_ps(dst + 16, _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)));
+  _mm256_store_ps(dst + 24, _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)));
+}
+
+template <int R>
+void int4_group_rows_avx2(const float* x, int64_t k, int64_t k0, int64_t group, const float* wf, const __m256 s[4],
+                          const __m256 z[4], const float* xs, int64_t xs_stride, float* y) {
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < group; ++c) {
+    const float* w = wf + c * 32;
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * k + k0 + c);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(xb, _mm256_load_ps(w + 8 * j), acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 xsum = _mm256_set1_ps(xs[r * xs_stride]);
+    for (int j = 0; j < 4; ++j) {
+      __m256 out = _mm256_fmadd_ps(s[j], acc[r][j], _mm256_loadu_ps(y + r * 32 + j * 8));
+      _mm256_storeu_ps(y + r * 32 + j * 8, _mm256_fmadd_ps(z[j], xsum, out));
+    }
+  }
+}
+
+template <int R>
+void int4_group_dispatch_avx2(int64_t rows, const float* x, int64_t k, int64_t k0, int64_t group, const float* wf,
+                              const __m256 s[4], const __m256 z[4], const float* xs, int64_t xs_stride, float* y) {
+  if constexpr (R > 1) {
+    if (rows < R) return int4_group_dispatch_avx2<R - 1>(rows, x, k, k0, group, wf, s, z, xs, xs_stride, y);
+  }
+  int4_group_rows_avx2<R>(x, k, k0, group, wf, s, z, xs, xs_stride, y);
+}
+
+// y = x @ w.T as above (torch's AVX2 layout, N_pad a multiple of 32); from dense_from_rows rows (a prompt
+// chunk outside the fused step) the weights de-quantize to float32 once and one float32 product runs.
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group,
+                   int64_t out_features, int64_t dense_from_rows) {
+  check_bf16(x, "x");
+  check_bf16(scale_zero, "scale_zero");
+  const int64_t m = x.size(0), k = x.size(1), n_pad = packed.size(0);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == k,
+              "packed: uint8 [N_pad, K / 2]");
+  TORCH_CHECK(n_pad % kInt4Block == 0 && group % 8 == 0 && k % group == 0 && m >= 1 && out_features <= n_pad,
+              "int4_mm: unsupported shape");
+  TORCH_CHECK(scale_zero.size(0) == k / group && scale_zero.size(1) == n_pad, "scale_zero: [K / group, N_pad, 2]");
+  const int64_t groups = k / group, blocks = n_pad / kInt4Block;
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const bf16* szp = scale_zero.data_ptr<bf16>();
+  const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  auto scales = [&](int64_t g, int64_t nb, __m256 s[4], __m256 z[4]) {  // (s, z - 8 s) of the block's 32 rows
+    const int32_t* lanes = reinterpret_cast<const int32_t*>(szp + (g * n_pad + nb * kInt4Block) * 2);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + j * 8));
+      s[j] = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+      z[j] = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s[j], _mm256_castsi256_ps(_mm256_and_si256(pair, high_half)));
+    }
+  };
+  if (dense_from_rows > 0 && m >= dense_from_rows) {
+    auto wt = at::empty({k, n_pad}, x.options().dtype(at::kFloat));  // w.T, float32
+    float* wp = wt.data_ptr<float>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      alignas(32) float q[32];
+      for (int64_t nb = begin; nb < end; ++nb) {
+        const uint8_t* block = pp + nb * kInt4Block * (k / 2);
+        for (int64_t g = 0; g < groups; ++g) {
+          __m256 s[4], z[4];
+          scales(g, nb, s, z);
+          for (int64_t kk = g * group; kk < (g + 1) * group; ++kk) {
+            unpack_column16(block + kk * 16, q);
+            float* dst = wp + kk * n_pad + nb * kInt4Block;
+            for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(_mm256_load_ps(q + 8 * j), s[j], z[j]));
+          }
+        }
+      }
+    });
+    auto y = at::mm(x.to(at::kFloat), wt).to(x.scalar_type());  // [m, N_pad]
+    return out_features == n_pad ? y : y.narrow(1, 0, out_features).contiguous();
+  }
+  const bf16* xp = x.data_ptr<bf16>();
+  std::vector<float> xf(m * k), xsum(m * groups, 0.f);  // [m, K], [m, groups]
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < k; ++j) {
+      xf[i * k + j] = to_f(xp[i * k + j]);
+      xsum[i * groups + j / group] += xf[i * k + j];
+    }
+  auto out = at::empty({m, out_features}, x.options());
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> y(m * kInt4Block);
+    float* wf = static_cast<float*>(std::aligned_alloc(32, group * kInt4Block * sizeof(float)));
+    for (int64_t nb = begin; nb < end; ++nb) {
+      std::fill(y.begin(), y.end(), 0.f);
+      const uint8_t* block = pp + nb * kInt4Block * (k / 2);  // [K][16] bytes
+      for (int64_t g = 0; g < groups; ++g) {
+        __m256 s[4], z[4];
+        scales(g, nb, s, z);
+        for (int64_t c = 0; c < group; ++c) unpack_column16(block + (g * group + c) * 16, wf + c * kInt4Block);
+        for (int64_t i = 0; i < m; i += kAvx2RowTile)
+          int4_group_dispatch_avx2<kAvx2RowTile>(std::min(kAvx2RowTile, m - i), xf.data() + i * k, k, g * group, group,
+                                                 wf, s, z, xsum.data() + i * groups + g, groups, y.data() + i * kInt4Block);
+      }
+      const int64_t rows = std::min<int64_t>(kInt4Block, out_features - nb * kInt4Block);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t r = 0; r < rows; ++r) op[i * out_features + nb * kInt4Block + r] = bf16(y[i * kInt4Block + r]);
+    }
+    std::free(wf);
+  });
+  return out;
+}
 #else
+bool int4_layout_matches() { return false; }
 at::Tensor int4_mm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t) {
-  TORCH_CHECK(false, "int4_mm needs AVX-512 with bfloat16 dot products");
+  TORCH_CHECK(false, "int4_mm needs AVX-512 with bfloat16 dot products, or AVX2 with FMA");
 }
 #endif
 
-// Whether int4_mm runs on this machine (compiled with AVX512-BF16 and torch's packing is the one it reads).
-bool int4_mm_available() { return OFFRAMP_DP && int4_layout_matches(); }
+// Output rows per block of the int4 layout int4_mm reads (torch's CPU packing on this machine).
+int64_t int4_block_rows() { return OFFRAMP_DP ? 64 : 32; }
+
+// Whether int4_mm runs on this machine (AVX512-BF16 or AVX2 + FMA, and torch's packing is the one it reads).
+bool int4_mm_available() { return (OFFRAMP_DP || OFFRAMP_AVX2) && int4_layout_matches(); }
 
 // Whether int8_mm has its vector kernel here (else a scalar loop: the upcast product is the better choice).
 bool int8_mm_fast() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   return true;
 #else
   return false;
@@ -726,7 +903,7 @@ at::Tensor linear_w(const at::Tensor& x, const at::Tensor& a, const at::Tensor& 
     y = int8_mm_fast() ? int8_mm(x, a, b, 0)
                        : at::linear(x, (a.to(at::kFloat) * b.to(at::kFloat).repeat_interleave(group, 1)).to(x.scalar_type()));
   } else {
-    if (a.size(0) % 64 == 0 && int4_mm_available()) {
+    if (a.size(0) % int4_block_rows() == 0 && int4_mm_available()) {
       y = int4_mm(x, a, b, group, out_features, 0);  // decode steps: the same sums at every batch size
     } else {
       y = at::_weight_int4pack_mm_for_cpu(x, a, group, b);
@@ -775,6 +952,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "int4 weight-only product (torch's CPU layout), bfloat16 dot products");
   m.def("int4_layout_matches", &int4_layout_matches, "whether torch's CPU int4 packing is the layout int4_mm reads");
   m.def("int4_mm_available", &int4_mm_available, "whether int4_mm runs on this machine");
+  m.def("int4_block_rows", &int4_block_rows, "output rows per block of the int4 layout int4_mm reads");
   m.def("int8_mm", &int8_mm, "group-wise int8 weight-only product (float16 scales per 32+ columns)");
   m.def("int8_mm_fast", &int8_mm_fast, "whether int8_mm has its vector kernel here");
   m.def("decode_block", &decode_block, "the layers of one block for rows rope_attend takes");
