@@ -497,10 +497,13 @@ def test_adapter_sets_every_gauge_at_load_and_maps_error_codes(tiny_models, tmp_
         adapter.stop()
 
 
-def test_serve_picks_the_fast_format_for_the_default_model_only(tmp_path, capsys):
+def test_serve_picks_the_fast_format_for_the_default_model_only(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 
-    from offramp.serving.serve import FAST_FORMAT, fast_format
+    from offramp.model import fused
+    from offramp.serving.serve import FALLBACK_FORMAT, FAST_FORMAT, fast_format
+
+    monkeypatch.setattr(fused, "int4_product_available", lambda: True)
 
     repo = Path(__file__).resolve().parents[1] / "model_repository"  # its engine.json names the default model
     assert fast_format(repo, {}) == FAST_FORMAT == {"dtype": "bfloat16", "weights": "int4"}
@@ -515,3 +518,8 @@ def test_serve_picks_the_fast_format_for_the_default_model_only(tmp_path, capsys
     assert fast_format(tmp_path / "repo", {}) == {}
     # The format it picks is one the engine accepts.
     EngineConfig(**FAST_FORMAT)
+    # where the extension's int4 product does not run, bfloat16 weights (torch's int4 kernel can be slower)
+    monkeypatch.setattr(fused, "int4_product_available", lambda: False)
+    assert fast_format(repo, {}) == FALLBACK_FORMAT
+    assert "bfloat16 weights" in capsys.readouterr().err
+    EngineConfig(**FALLBACK_FORMAT)

@@ -58,6 +58,13 @@ def kernels() -> ModuleType | None:
         return _state.get("ops")  # type: ignore[return-value]
 
 
+def int4_product_available() -> bool:
+    """Whether the extension's int4 product runs here (built, with AVX-512 BF16 or AVX2, and torch's
+    int4 packing in the layout it reads); elsewhere int4 runs torch's own kernel."""
+    ops = kernels()
+    return ops is not None and bool(ops.int4_mm_available())
+
+
 def unavailable_reason() -> str | None:
     kernels()
     return _state.get("error")  # type: ignore[return-value]

@@ -37,8 +37,11 @@ from offramp.serving.server_guard import child_preexec
 
 GRACE_S = 40.0  # tritonserver drains within --exit-timeout-secs=30; then its group is killed
 # The default model's fastest format that keeps >= 0.97 agreement with float32 (docs/weights.md);
-# served unless the command line names a format or a setting int4 does not combine with.
+# served unless the command line names a format or a setting int4 does not combine with. Where the CPU
+# extension's int4 product does not run (no compiler, a CPU with neither AVX2 nor AVX-512), torch's int4
+# kernel can be slower than bfloat16 weights (14x slower than the extension's on an AVX2 CPU): bfloat16.
 FAST_FORMAT = {"dtype": "bfloat16", "weights": "int4"}
+FALLBACK_FORMAT = {"dtype": "bfloat16", "weights": "bf16"}
 FORMAT_KEYS = ("dtype", "weights", "backend", "device", "devices", "pipeline_stages", "sparsity_predictor")
 
 
@@ -113,6 +116,16 @@ def fast_format(repo: Path, overrides: dict) -> dict:
         model = _engine_json(repo).get("model")
     if model != "default" or any(key in overrides for key in FORMAT_KEYS):
         return {}
+    from offramp.model import fused
+
+    if not fused.int4_product_available():
+        print(
+            "offramp: serving the default model with bfloat16 weights: the fused int4 product does not run here"
+            f" ({fused.unavailable_reason() or 'neither AVX2 nor AVX-512 in this build'}); --weights int4 still"
+            " selects int4 (torch's kernel)",
+            file=sys.stderr,
+        )
+        return dict(FALLBACK_FORMAT)
     print(
         "offramp: serving the default model with int4 weights and bfloat16 activations (its fastest format"
         " at >= 0.97 agreement); --dtype float32 --weights none serves the exact float32 reference",
