@@ -10,6 +10,7 @@ from offramp.cli.main import main
 
 BENCH_FIELDS = {
     "tokens_per_s",
+    "cpu_vector",
     "requests_per_s",
     "ttft_ms_p50",
     "tpot_ms_p50",
@@ -76,6 +77,7 @@ def test_bench_json_and_output_files(tiny_models, tmp_path, capsys):
     assert json.loads(out.read_text()) == row
     assert out.with_suffix(".png").stat().st_size > 1000
     assert row["ignore_eos"] is False
+    assert row["cpu_vector"] in ("avx512_bf16", "avx512", "avx2", "other")
     assert "weight_gb_per_s" not in row and "read_gb_per_s" not in row  # concurrency 1 only
 
 
