@@ -487,7 +487,12 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
 #endif
       }
     });
+#if OFFRAMP_DP
     return at::linear(x, w);
+#else
+    // without AVX512-BF16 a bfloat16 product of many rows runs emulated (10x slower): float32 instead
+    return at::linear(x.to(at::kFloat), w.to(at::kFloat)).to(x.scalar_type());
+#endif
   }
   const bf16* xp = x.data_ptr<bf16>();
   std::vector<float> xf(m * k);
@@ -783,6 +788,29 @@ void int4_group_rows_avx2(const float* x, int64_t k, int64_t k0, int64_t group, 
   }
 }
 
+// One row of one group straight from the packed codes (no buffer): the values and the FMA order of
+// int4_group_rows_avx2, so a decode row alone gets the bits it gets in a batch.
+inline void int4_group_row_direct(const float* x, int64_t k0, int64_t group, const uint8_t* block, const __m256 s[4],
+                                  const __m256 z[4], float xs, float* y) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi32(15);
+  const uint8_t* b = block + k0 * 16;
+  for (int64_t c = 0; c < group; ++c, b += 16) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+    const __m256i b0 = _mm256_cvtepu8_epi32(bytes), b1 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+    const __m256 xb = _mm256_broadcast_ss(x + k0 + c);
+    acc0 = _mm256_fmadd_ps(xb, _mm256_cvtepi32_ps(_mm256_and_si256(b0, low)), acc0);
+    acc1 = _mm256_fmadd_ps(xb, _mm256_cvtepi32_ps(_mm256_and_si256(b1, low)), acc1);
+    acc2 = _mm256_fmadd_ps(xb, _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), acc2);
+    acc3 = _mm256_fmadd_ps(xb, _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), acc3);
+  }
+  const __m256 xsum = _mm256_set1_ps(xs), acc[4] = {acc0, acc1, acc2, acc3};
+  for (int j = 0; j < 4; ++j) {
+    __m256 out = _mm256_fmadd_ps(s[j], acc[j], _mm256_loadu_ps(y + j * 8));
+    _mm256_storeu_ps(y + j * 8, _mm256_fmadd_ps(z[j], xsum, out));
+  }
+}
+
 template <int R>
 void int4_group_dispatch_avx2(int64_t rows, const float* x, int64_t k, int64_t k0, int64_t group, const float* wf,
                               const __m256 s[4], const __m256 z[4], const float* xs, int64_t xs_stride, float* y) {
@@ -855,6 +883,10 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
       for (int64_t g = 0; g < groups; ++g) {
         __m256 s[4], z[4];
         scales(g, nb, s, z);
+        if (m == 1) {  // a lone decode row: codes straight from memory
+          int4_group_row_direct(xf.data(), g * group, group, block, s, z, xsum[g], y.data());
+          continue;
+        }
         for (int64_t c = 0; c < group; ++c) unpack_column16(block + (g * group + c) * 16, wf + c * kInt4Block);
         for (int64_t i = 0; i < m; i += kAvx2RowTile)
           int4_group_dispatch_avx2<kAvx2RowTile>(std::min(kAvx2RowTile, m - i), xf.data() + i * k, k, g * group, group,
