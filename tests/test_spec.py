@@ -710,3 +710,26 @@ def test_bench_reports_spec_figures_and_hfs_own_speculation(tiny_models, source)
         assert result["hf_spec"].startswith(expected)
         assert result["hf_spec_sequence_match"] == 1.0  # HF's speculation is lossless too (greedy, float32)
         assert result["hf_spec_tokens_per_s"] > 0 and result["hf_batch1_tokens_per_s"] > 0
+
+
+def test_bench_rounds_interleave_lossless_and_plain_and_report_medians(tiny_models, monkeypatch):
+    """--rounds 3: three lossless and three plain runs, alternating which goes first; the reported
+    speeds are the medians and every pair's ratio is listed."""
+    from offramp.tools import bench as bench_mod
+
+    engine = _engine(tiny_models, spec="ngram", spec_max_draft=3)
+    prompts = [" ".join(f"w{t - 1}" for t in p) for p in PROMPTS[5:]]
+    order, real = [], bench_mod.run_engine
+    speeds = iter([30.0, 10.0, 12.0, 40.0, 50.0, 11.0])  # lossless, plain, plain, lossless, lossless, plain
+
+    def counted(engine, prompt_ids, concurrency, max_tokens, progress=True, params=None):
+        metrics, outputs = real(engine, prompt_ids, concurrency, max_tokens, progress, params)
+        order.append("plain" if params.mode == "early_exit" else "lossless")
+        return {**metrics, "tokens_per_s": next(speeds)}, outputs
+
+    monkeypatch.setattr(bench_mod, "run_engine", counted)
+    result = bench_mod.bench(engine, prompts, 3, 1, 8, progress=False, ignore_eos=True, rounds=3)
+    assert order == ["lossless", "plain", "plain", "lossless", "lossless", "plain"]
+    assert result["rounds"] == 3 and result["round_speedups"] == [3.0, 3.333, 4.545]
+    assert (result["tokens_per_s"], result["plain_tokens_per_s"], result["speedup"]) == (40.0, 11.0, 3.636)
+    assert result["sequence_match"] == 1.0

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also run HF transformers generate, or llama.cpp on the same GGUF (needs `make tools-env`)",
     )
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --spec: lossless and plain decoding this many times each, interleaved; medians reported",
+    )
     bench.add_argument("--json", action="store_true", help="print only the JSON line")
     bench.add_argument("--output", default=None, help="append the JSON line to this file and draw a PNG beside it")
     cal = sub.add_parser("calibrate", help="train low-rank exit shortcuts (one-jump and per-level) by distillation")
@@ -216,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from offramp.engine.llm_engine import LLMEngine
     from offramp.tools.bench import bench, load_prompts
 
-    for name in ("num_requests", "concurrency", "max_tokens"):
+    for name in ("num_requests", "concurrency", "max_tokens", "rounds"):
         if getattr(args, name) <= 0:
             raise ValueError(f"{name.replace('_', '-')}: must be positive")
     if args.ignore_eos and args.compare == "hf":
@@ -234,6 +240,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             compare_llamacpp=args.compare == "llamacpp",
             progress=sys.stderr.isatty(),
             ignore_eos=args.ignore_eos,
+            rounds=args.rounds,
         )
     finally:
         engine.close()

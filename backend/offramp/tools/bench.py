@@ -202,9 +202,11 @@ def bench(
     progress: bool = True,
     ignore_eos: bool = False,
     compare_llamacpp: bool = False,
+    rounds: int = 1,
 ) -> dict:
     """One JSON-able result line: the engine's figures, and HF's or llama.cpp's when asked, measured
-    back to back."""
+    back to back. With a draft source and ``rounds`` > 1, lossless and plain decoding run ``rounds``
+    times each, interleaved (plain first in every other pair), and their medians are reported."""
     prompt_ids = bench_prompt_ids(engine, prompts, num_requests)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
     metrics, outputs = run_engine(engine, prompt_ids, concurrency, max_tokens, progress, params=params)
@@ -239,6 +241,10 @@ def bench(
     if spec:
         result.update(spec)
         result.update(_spec_vs_plain(engine, prompt_ids, outputs, concurrency, max_tokens, progress, ignore_eos))
+        if rounds > 1:
+            result.update(
+                _spec_rounds(engine, prompt_ids, concurrency, max_tokens, progress, ignore_eos, rounds, result)
+            )
         result["speedup"] = round(result["tokens_per_s"] / result["plain_tokens_per_s"], 3)
     if cfg.exit_policy != "none":
         result.update(quality_vs_full_depth(engine, prompt_ids, outputs, concurrency, max_tokens, progress, ignore_eos))
@@ -352,6 +358,35 @@ def _batch_invariant(engine: LLMEngine) -> bool:
     """Whether every row runs the fused per-row kernels (``batch_invariant`` in effect)."""
     backend = engine.runner.backend
     return getattr(backend, "fused", None) is not None and getattr(backend, "max_rows", 0) == fused.ALL_ROWS
+
+
+def _spec_rounds(
+    engine: LLMEngine,
+    prompt_ids: list[list[int]],
+    concurrency: int,
+    max_tokens: int,
+    progress: bool,
+    ignore_eos: bool,
+    rounds: int,
+    first: dict,
+) -> dict:
+    """``rounds`` - 1 more pairs of lossless and plain runs after the first (``first``: its tokens/s),
+    in alternating order, so that drift on a noisy machine falls on both sides; medians of each and
+    every pair's ratio. Draft counters stay those of the first lossless run."""
+    lossless = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
+    plain = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, exit_policy="none", mode="early_exit")
+    speeds = {"lossless": [first["tokens_per_s"]], "plain": [first["plain_tokens_per_s"]]}
+    for i in range(1, rounds):
+        order = (("plain", plain), ("lossless", lossless)) if i % 2 else (("lossless", lossless), ("plain", plain))
+        for name, params in order:
+            metrics, _ = run_engine(engine, prompt_ids, concurrency, max_tokens, progress, params=params)
+            speeds[name].append(metrics["tokens_per_s"])
+    return {
+        "rounds": rounds,
+        "round_speedups": [round(a / b, 3) for a, b in zip(speeds["lossless"], speeds["plain"])],
+        "tokens_per_s": round(statistics.median(speeds["lossless"]), 2),
+        "plain_tokens_per_s": round(statistics.median(speeds["plain"]), 2),
+    }
 
 
 def _spec_vs_plain(
