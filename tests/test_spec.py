@@ -28,6 +28,7 @@ from offramp.engine.sequence import FinishReason, Sequence
 from offramp.engine.spec import (
     PROBE_BUDGET,
     VERIFY_STEP_COST,
+    VERIFY_STEP_COST_AVX2,
     DraftLength,
     SpecState,
     accept_greedy,
@@ -437,6 +438,11 @@ def test_verify_costs_measured_extended_or_linear():
     assert verify_costs("float32", "none", 0.1, 3) == pytest.approx((1.0, 1.1, 1.2, 1.3))
     assert verify_costs("bfloat16", "int4", None, 2) == VERIFY_STEP_COST[("bfloat16", "int4")][:3]
     assert verify_costs("bfloat16", "int4", 0.3, 2) == pytest.approx((1.0, 1.3, 1.6))  # a given row cost wins
+    # AVX2 CPUs have their own measured tables (float32-FMA products: extra rows cost more)
+    avx2 = verify_costs("bfloat16", "int4", None, 8, cpu="avx2")
+    assert avx2 == VERIFY_STEP_COST_AVX2[("bfloat16", "int4")] and avx2[1] > VERIFY_STEP_COST[("bfloat16", "int4")][1]
+    assert verify_costs("bfloat16", "int4", None, 8, cpu="avx512_bf16") == VERIFY_STEP_COST[("bfloat16", "int4")]
+    assert verify_costs("bfloat16", "int4", 0.3, 1, cpu="avx2") == pytest.approx((1.0, 1.3))
     floats = DraftLength(verify_costs("float32", "none", None, 8), retry_steps=5)
     assert floats.best(0.6, 0.0)[0] >= 3  # 2-3 row products are slow in float32: longer drafts pay
 

@@ -36,6 +36,7 @@ from offramp.engine.spec import DraftLength, SpecState, resolve_spec, verify_cos
 from offramp.exits import ExitHead
 from offramp.model.attention import SeqSlice
 from offramp.model.decoder import ModelShape
+from offramp.model.device import cpu_vector_isa
 
 NGRAM_SIZES = (3, 2, 1)  # longest match first
 
@@ -155,7 +156,8 @@ class Speculator:
     ) -> None:
         self.config, self.loop, self.head, self.pages = config, loop, head, pages
         self.shape, self.block_ranges, self.max_model_len = shape, block_ranges, max_model_len
-        costs = verify_costs(config.dtype, config.weights, config.spec_verify_row_cost, config.spec_max_draft)
+        cpu = cpu_vector_isa() if loop.device.type == "cpu" else None  # the tables are per CPU kind
+        costs = verify_costs(config.dtype, config.weights, config.spec_verify_row_cost, config.spec_max_draft, cpu)
         self.lengths = DraftLength(costs, config.spec_retry_steps, config.spec_adaptive)
         self._sources: dict[str, tuple[DraftSource, float]] = {}
         if config.spec_exit_depth is not None or config.spec == "exit":

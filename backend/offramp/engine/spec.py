@@ -60,6 +60,13 @@ VERIFY_STEP_COST = {
     ("bfloat16", "int4"): (1.0, 1.15, 1.32, 1.50, 1.66, 1.89, 2.19, 2.43, 2.54),
     ("bfloat16", "int8"): (1.0, 1.20, 1.53, 1.74, 1.98, 2.20, 2.51, 2.72, 2.90),
 }
+# The same on a CPU with AVX2 and no AVX-512 (float32-FMA int4/int8 products: an extra row costs more
+# than with bfloat16 dot products; bfloat16 products of several rows run emulated), 2026-12-04.
+VERIFY_STEP_COST_AVX2 = {
+    ("bfloat16", "none"): (1.0, 1.68, 2.48, 3.25, 3.93, 4.56, 5.38, 6.15, 6.89),
+    ("bfloat16", "int4"): (1.0, 1.35, 1.57, 1.79, 2.03, 2.32, 2.51, 2.76, 3.04),
+    ("bfloat16", "int8"): (1.0, 1.14, 1.15, 1.25, 1.35, 1.51, 1.76, 1.99, 2.18),
+}
 # Formats without a measured table (e.g. on a GPU): per extra row, linear.
 VERIFY_ROW_COST = {("bfloat16", "int8"): 0.1, ("bfloat16", "int4"): 0.3}
 PRIOR_ACCEPTANCE = 0.5  # before any evidence: one accepted token and one rejection
@@ -95,11 +102,15 @@ class SpecState:
         return self.accepted_ema / (self.accepted_ema + self.rejected_ema)
 
 
-def verify_costs(dtype: str, weights: str, row_cost: float | None, max_draft: int) -> tuple[float, ...]:
+def verify_costs(
+    dtype: str, weights: str, row_cost: float | None, max_draft: int, cpu: str | None = None
+) -> tuple[float, ...]:
     """Relative cost of a verification step with k = 0..``max_draft`` drafts: linear in k with
-    ``row_cost``, else measured (``VERIFY_STEP_COST``, extended by its mean slope), else linear."""
+    ``row_cost``, else measured (``VERIFY_STEP_COST``, or ``VERIFY_STEP_COST_AVX2`` where ``cpu`` is
+    ``avx2``; extended by its mean slope), else linear."""
     weights = "none" if weights == "bf16" else weights
-    table = VERIFY_STEP_COST.get((dtype, weights)) if row_cost is None else None
+    tables = VERIFY_STEP_COST_AVX2 if cpu == "avx2" else VERIFY_STEP_COST
+    table = tables.get((dtype, weights)) if row_cost is None else None
     if table is None:
         cost = row_cost if row_cost is not None else VERIFY_ROW_COST.get((dtype, weights), 0.1)
         return tuple(1.0 + cost * k for k in range(max_draft + 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -46,3 +47,23 @@ def to_device(obj, device: torch.device):
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     return obj
+
+
+@functools.cache
+def cpu_vector_isa() -> str:
+    """The widest vector extension the CPU kernels use here: ``avx512_bf16``, ``avx512``, ``avx2`` or
+    ``other`` (the extension's products differ: bfloat16 dot products, float32 FMAs, torch's kernels)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return "other"
+    if {"avx512f", "avx512_bf16"} <= flags:
+        return "avx512_bf16"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "other"

@@ -15,6 +15,7 @@ from offramp.engine.llm_engine import LLMEngine
 from offramp.engine.sampling import SamplingParams
 from offramp.engine.sequence import Sequence
 from offramp.model import fused
+from offramp.model.device import cpu_vector_isa
 from offramp.model.weight_bytes import resident_weight_bytes, weight_bytes_per_token
 
 
@@ -228,7 +229,7 @@ def bench(
         "max_tokens": max_tokens,
         "ignore_eos": ignore_eos,
         "num_threads": torch.get_num_threads(),
-        "cpu_vector": cpu_vector_isa(),
+        "cpu_vector": cpu_vector_isa(),  # the CPU's, whatever the engine's device
         "exit_policy": cfg.exit_policy,
         "exit_threshold": cfg.exit_threshold if cfg.exit_policy != "none" else None,
         "min_exit_layer": cfg.min_exit_depth(engine.num_layers),
@@ -264,25 +265,6 @@ def bench(
         result["weight_gb_per_s"] = round(result["weight_bytes_per_token"] * result["tokens_per_s"] / 1e9, 2)
         result["read_gb_per_s"] = read_bandwidth_gb_per_s()
     return result
-
-
-def cpu_vector_isa() -> str:
-    """The widest vector extension the CPU kernels use here: ``avx512_bf16``, ``avx512``, ``avx2`` or
-    ``other`` (the extension's products differ: bfloat16 dot products, float32 FMAs, torch's kernels)."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        return "other"
-    if {"avx512f", "avx512_bf16"} <= flags:
-        return "avx512_bf16"
-    if "avx512f" in flags:
-        return "avx512"
-    return "avx2" if {"avx2", "fma"} <= flags else "other"
 
 
 def read_bandwidth_gb_per_s(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
