@@ -517,28 +517,27 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return out;
 }
 
-#if OFFRAMP_DP
-// Does torch's CPU int4 packing on this machine use the layout int4_mm reads? Blocks of 64 output
-// rows; per block and input column k, 32 bytes: byte d holds row d (low nibble) and row d + 32 (high).
-// The layout follows the CPU's vector width, so it is checked once by packing a known matrix.
-bool int4_layout_matches() {
-  static const bool ok = [] {
-    auto codes = at::arange(64 * 64, at::kInt).remainder(16).reshape({64, 64}).contiguous();
-    codes = (codes + at::arange(64, at::kInt).reshape({64, 1})).remainder(16).contiguous();  // row-dependent
-    auto packed = at::_convert_weight_to_int4pack_for_cpu(codes, 1).contiguous();
-    if (packed.size(0) != 64 || packed.size(1) != 32) return false;
-    const uint8_t* p = packed.data_ptr<uint8_t>();
-    const int32_t* c = codes.data_ptr<int32_t>();
-    for (int64_t k = 0; k < 64; ++k)
-      for (int64_t d = 0; d < 32; ++d) {
-        const uint8_t b = p[k * 32 + d];
-        if ((b & 15) != c[d * 64 + k] || (b >> 4) != c[(d + 32) * 64 + k]) return false;
-      }
-    return true;
-  }();
-  return ok;
+// Does torch's CPU int4 packing on this machine come in blocks of `rows` output rows (64 with AVX-512, 32
+// with AVX2), per block and input column k rows / 2 bytes, byte d holding row d (low nibble) and row
+// d + rows / 2 (high)? The layout follows the CPU's vector width, so it is checked once by packing a known
+// matrix; int4_mm reads that layout.
+bool packs_in_blocks_of(int64_t rows) {
+  const int64_t half = rows / 2;
+  auto codes = at::arange(rows * 64, at::kInt).remainder(16).reshape({rows, 64}).contiguous();
+  codes = (codes + at::arange(rows, at::kInt).reshape({rows, 1})).remainder(16).contiguous();  // row-dependent
+  auto packed = at::_convert_weight_to_int4pack_for_cpu(codes, 1).contiguous();
+  if (packed.size(0) != rows || packed.size(1) != 32) return false;
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const int32_t* c = codes.data_ptr<int32_t>();
+  for (int64_t k = 0; k < 64; ++k)
+    for (int64_t d = 0; d < half; ++d) {
+      const uint8_t b = p[k * half + d];
+      if ((b & 15) != c[d * 64 + k] || (b >> 4) != c[(d + half) * 64 + k]) return false;
+    }
+  return true;
 }
 
+#if OFFRAMP_DP
 // The int4 product as bfloat16 dot products (vdpbf16ps: each float32 lane adds a[2i] b[2i] + a[2i+1] b[2i+1]).
 // A pair of input columns (k, k + 1) of one block's 64 rows unpacks to four vectors whose 32-bit lane i
 // holds (q - 8) of row 16 j + i at k and at k + 1 as bfloat16 (exact: small integers; the lookup is one
@@ -736,24 +735,6 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 // acc = sum_k x[r, k] q[k] and y += s acc + (z - 8 s) sum_k x[r, k] (w = (q - 8) s + z). Each row's sums
 // run in one order whatever the number of rows beside it (batch-invariant, as above).
 
-bool int4_layout_matches() {
-  static const bool ok = [] {
-    auto codes = at::arange(32 * 64, at::kInt).remainder(16).reshape({32, 64}).contiguous();
-    codes = (codes + at::arange(32, at::kInt).reshape({32, 1})).remainder(16).contiguous();  // row-dependent
-    auto packed = at::_convert_weight_to_int4pack_for_cpu(codes, 1).contiguous();
-    if (packed.size(0) != 32 || packed.size(1) != 32) return false;
-    const uint8_t* p = packed.data_ptr<uint8_t>();
-    const int32_t* c = codes.data_ptr<int32_t>();
-    for (int64_t k = 0; k < 64; ++k)
-      for (int64_t d = 0; d < 16; ++d) {
-        const uint8_t b = p[k * 16 + d];
-        if ((b & 15) != c[d * 64 + k] || (b >> 4) != c[(d + 16) * 64 + k]) return false;
-      }
-    return true;
-  }();
-  return ok;
-}
-
 constexpr int64_t kInt4Block = 32, kAvx2RowTile = 3;
 
 inline void unpack_column16(const uint8_t* b, float* dst) {  // 16 bytes -> rows 0..31 as float32 codes
@@ -901,7 +882,6 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return out;
 }
 #else
-bool int4_layout_matches() { return false; }
 at::Tensor int4_mm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t) {
   TORCH_CHECK(false, "int4_mm needs AVX-512 with bfloat16 dot products, or AVX2 with FMA");
 }
@@ -909,6 +889,11 @@ at::Tensor int4_mm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int6
 
 // Output rows per block of the int4 layout int4_mm reads (torch's CPU packing on this machine).
 int64_t int4_block_rows() { return OFFRAMP_DP ? 64 : 32; }
+
+bool int4_layout_matches() {
+  static const bool ok = packs_in_blocks_of(int4_block_rows());
+  return ok;
+}
 
 // Whether int4_mm runs on this machine (AVX512-BF16 or AVX2 + FMA, and torch's packing is the one it reads).
 bool int4_mm_available() { return (OFFRAMP_DP || OFFRAMP_AVX2) && int4_layout_matches(); }
