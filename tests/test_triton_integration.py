@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 
 import pytest
 
@@ -91,6 +92,23 @@ def test_grpc_stream_matches_offline(server, offline):
 def test_http_stream_matches_offline(server, offline):
     chunks = list(OfframpClient(f"127.0.0.1:{server.http}", "http").stream(PROMPT, max_tokens=32))
     assert "".join(c.text for c in chunks) == offline.text
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_lossless_stream_returns_the_plain_text(server, offline, protocol):
+    """A generate_stream request with "mode": "lossless" (prompt-lookup drafts verified by the full model)
+    streams the text a plain request gets."""
+    port = server.http if protocol == "http" else server.grpc
+    drafted = server.metric("offramp_spec_draft_tokens_total")
+    chunks = list(
+        OfframpClient(f"127.0.0.1:{port}", protocol).stream(PROMPT, max_tokens=32, mode="lossless", spec="ngram")
+    )
+    assert "".join(c.text for c in chunks) == offline.text
+    assert chunks[-1].finish_reason == offline.finish_reason
+    deadline = time.monotonic() + 10  # metrics are updated just after the final response is sent
+    while server.metric("offramp_spec_draft_tokens_total") <= drafted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("offramp_spec_draft_tokens_total") > drafted  # the answer repeats its prompt: drafts ran
 
 
 def _batched_steps(server) -> float:
