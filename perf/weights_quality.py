@@ -21,6 +21,7 @@ from offramp.config import EngineConfig
 from offramp.engine.llm_engine import LLMEngine
 from offramp.tools.bench import bench_prompt_ids, load_prompts, run_hf
 from offramp.tools.quality import reference_agreement
+from offramp.tools.teacher_forcing import teacher_forced_agreement
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
         ids = bench_prompt_ids(engine, prompts, len(prompts))
         if reference is None:
             _, reference = run_hf(engine.checkpoint, torch.float32, ids, 1, args.max_tokens, engine.eos_ids, False)
-        agree = [ok for p, o in zip(ids, reference) for ok in engine.teacher_forced_agreement(p, o)]
+        agree = [ok for p, o in zip(ids, reference) for ok in teacher_forced_agreement(engine, p, o)]
         decode = [ok for row in reference_agreement(engine, ids, reference, concurrency=16) for ok in row]
         row = {
             "dtype": dtype,

@@ -10,6 +10,7 @@ from offramp import EngineConfig, SamplingParams
 from offramp.config import MIN_EXIT_FRACTION
 from offramp.engine.llm_engine import LLMEngine
 from offramp.exits import ClassifierExit, ExitCheck, IdentityHead, SimilarityExit, SoftmaxExit, make_policy
+from offramp.tools.teacher_forcing import teacher_forced_agreement
 
 PROMPTS = [[3, 4, 5], [7, 8, 9, 10, 11, 12], [20, 21] * 8, [40]]
 MAX_NEW = 16
@@ -265,7 +266,7 @@ def test_full_depth_tokens_under_recompute_are_exact(tiny_models, kv_fill):
     assert len(set(depths)) >= 3, f"the pattern should exit at several depths, got {sorted(set(depths))}"
     agree_full = []
     for prompt, out in zip(PROMPTS, outs):
-        agreement = engine.teacher_forced_agreement(prompt, out.token_ids)
+        agreement = teacher_forced_agreement(engine, prompt, out.token_ids)
         agree_full += [ok for ok, d in zip(agreement, out.exit_layers) if d == 4]
     if kv_fill == "recompute":
         assert all(agree_full), f"{agree_full.count(False)} full-depth tokens differ from the full model"

@@ -16,6 +16,7 @@ import torch
 
 from offramp import EngineConfig, SamplingParams
 from offramp.engine.llm_engine import LLMEngine
+from offramp.tools.teacher_forcing import teacher_forced_agreement, teacher_forced_hidden
 
 pytestmark = [
     pytest.mark.gpu,
@@ -53,7 +54,7 @@ def test_default_model_on_cuda_float32_matches_hf_and_bfloat16_agrees(default_ch
     assert ours.token_ids == _hf_greedy(default_checkpoint, prompt, len(ours.token_ids), "cuda")
     bf16 = LLMEngine(EngineConfig(model=str(default_checkpoint), device="cuda", dtype="bfloat16"))
     out = bf16.generate([prompt], SamplingParams(max_tokens=24))[0]
-    agree = engine.teacher_forced_agreement(prompt, out.token_ids)
+    agree = teacher_forced_agreement(engine, prompt, out.token_ids)
     assert sum(agree) / len(agree) >= 0.9
 
 
@@ -129,7 +130,7 @@ def test_int8_weights_on_cuda_compute_what_the_cpu_engine_does(tiny_models):
     for device in ("cpu", "cuda"):
         engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", weights="int8", device=device))
         assert engine.weights.layers[0].qkv.q.device.type == device
-        _, final = engine.teacher_forced_hidden(prompt, output)
+        _, final = teacher_forced_hidden(engine, prompt, output)
         logits.append(final_logits(engine.weights, final).float().cpu())
     cpu, cuda = logits
     assert ((cuda - cpu).norm() / cpu.norm()).item() < 0.05
@@ -158,7 +159,7 @@ def test_int4_weights_on_cuda_compute_what_the_cpu_engine_does(tiny_models):
             got = layer.down.matmul(x).float()
             torch.testing.assert_close(got, ref, atol=0.02 * ref.abs().max().item(), rtol=0)
             torch.testing.assert_close(layer.down.dequantize().cpu(), down, atol=0.01 * down.abs().max().item(), rtol=0)
-        _, final = engine.teacher_forced_hidden(prompt, output)
+        _, final = teacher_forced_hidden(engine, prompt, output)
         logits.append(final_logits(engine.weights, final).float().cpu())
     cpu, cuda = logits
     assert ((cuda - cpu).norm() / cpu.norm()).item() < 0.05

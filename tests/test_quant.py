@@ -16,6 +16,7 @@ from offramp.model.gguf_blocks import GGUFBlocks
 from offramp.model.loader import default_gguf, load_weights
 from offramp.model.quant import Int4Codes, Int4Weight, Int8Weight, int4_weight, nibbles, quantize_int4, quantize_int8
 from offramp.model.weight_bytes import resident_weight_bytes, weight_bytes_per_token
+from offramp.tools.teacher_forcing import teacher_forced_hidden
 
 BF16_REL = 2.0**-8  # bfloat16 keeps 8 significant bits: round to nearest is within 2^-9 relative
 
@@ -300,7 +301,7 @@ def test_weights_flow_through_engine_json_and_serve_overrides(tmp_path):
 
 # -- the engine with every format ---------------------------------------------------------------
 def _logits(engine: LLMEngine, prompt: list[int], output: list[int]) -> torch.Tensor:
-    _, final = engine.teacher_forced_hidden(prompt, output)
+    _, final = teacher_forced_hidden(engine, prompt, output)
     return final_logits(engine.weights, final)  # [len(output), vocab] float32
 
 

@@ -42,6 +42,7 @@ from offramp.model.decoder import decoder_layer, final_logits
 from offramp.serving.async_engine import AsyncEngine
 from offramp.serving.events import RequestHandle
 from offramp.serving.requests import RequestError, parse_request
+from offramp.tools.teacher_forcing import teacher_forced_hidden
 
 MAX_TOKENS = 24
 
@@ -512,7 +513,7 @@ class _GreedyOfContext(DraftSource):
         for item in items:
             context = tuple(item.seq.prompt_token_ids + item.seq.output_token_ids)
             if context not in self.cache:
-                hidden = self.engine.teacher_forced_hidden(list(context), [0])[1]  # [1, hidden]
+                hidden = teacher_forced_hidden(self.engine, list(context), [0])[1]  # [1, hidden]
                 self.cache[context] = [int(final_logits(self.engine.weights, hidden)[-1].argmax())]
             out.append(self.cache[context][: item.num_draft_slots])
         return out

@@ -21,7 +21,6 @@ from offramp.engine.sampling import SamplingParams
 from offramp.engine.scheduler import Scheduler
 from offramp.engine.sequence import FinishReason, Sequence
 from offramp.model import fused
-from offramp.model.decoder import final_logits
 from offramp.model.device import resolve_device, to_device
 from offramp.model.kv_store import KVStore, pages_for_budget
 from offramp.model.loader import (
@@ -344,30 +343,6 @@ class LLMEngine:
         seq.finish_time = time.perf_counter()
         self._generators.pop(seq.seq_id, None)
         self._seqs.pop(seq.request_id, None)
-
-    def teacher_forced_hidden(
-        self, prompt_ids: list[int], output_ids: list[int], depths: tuple[int, ...] = ()
-    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Hidden states (at ``depths`` and after the last layer) at the positions that predicted
-        each of ``output_ids``, from one full-depth pass over prompt + outputs."""
-        tokens = list(prompt_ids) + list(output_ids[:-1])
-        owner = -next(self._seed_counter) - 1  # a page-table id no sequence uses
-        self.sessions.reclaim(self.pages.pages_for(len(tokens)))  # idle sessions' pages are a cache
-        if not self.pages.can_allocate(owner, len(tokens)):
-            raise ValueError("teacher forcing: not enough free KV pages; run it when the engine is idle")
-        self.pages.allocate(owner, len(tokens))
-        try:
-            return self.runner.full_depth_hidden(tokens, self.pages.page_table(owner), len(prompt_ids) - 1, depths)
-        finally:
-            self.pages.free(owner)
-
-    def teacher_forced_agreement(self, prompt_ids: list[int], output_ids: list[int]) -> list[bool]:
-        """For each generated token: would the full model, given the same prefix, pick it too?"""
-        if not output_ids:
-            return []
-        _, final = self.teacher_forced_hidden(prompt_ids, output_ids)
-        picks = final_logits(self.weights, final).argmax(-1).tolist()
-        return [a == b for a, b in zip(picks, output_ids)]
 
     def output_of(self, seq: Sequence, prompt: str | None = None) -> RequestOutput:
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from offramp.engine.llm_engine import LLMEngine
 from offramp.engine.sampling import SamplingParams
+from offramp.tools.teacher_forcing import teacher_forced_hidden
 
 
 @dataclass(slots=True)
@@ -84,7 +85,7 @@ def collect(
     for i, (prompt_ids, out) in enumerate(tqdm(list(zip(ids, outs)), desc="collect", disable=not progress)):
         if not out.token_ids:
             continue
-        captured, final = engine.teacher_forced_hidden(prompt_ids, out.token_ids, capture)
+        captured, final = teacher_forced_hidden(engine, prompt_ids, out.token_ids, capture)
         fed = torch.tensor((list(prompt_ids) + out.token_ids[:-1])[len(prompt_ids) - 1 :])
         embedded = F.embedding(fed, engine.weights.embed)  # [k, hidden]: the input of the first block
         for d in depths:  # copies outside inference mode, so that training can use them

@@ -11,7 +11,7 @@ degenerate text cannot pass.
 - ``distinct2``: distinct bigrams over bigrams per output, averaged (repetition lowers it); beside
   the full-depth outputs' own value.
 
-Teacher-forcing along the candidate's own output (``LLMEngine.teacher_forced_agreement``) is kept
+Teacher-forcing along the candidate's own output (``tools.teacher_forcing.teacher_forced_agreement``) is kept
 as ``self_teacher_agreement``: it asks whether the full model, fed the candidate's text, would have
 picked each token, which text stuck in a loop passes.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from offramp.engine.llm_engine import LLMEngine
 from offramp.engine.sampling import SamplingParams
+from offramp.tools.teacher_forcing import teacher_forced_agreement
 
 
 def lcs_length(a: list[int], b: list[int]) -> int:
@@ -102,7 +103,7 @@ def quality_metrics(
 ) -> dict:
     """The bench's quality block, the reference-based measures first."""
     forced = [ok for row in reference_agreement(engine, prompt_ids, full_outputs, concurrency, params) for ok in row]
-    own = [ok for p, o in zip(prompt_ids, outputs) for ok in engine.teacher_forced_agreement(p, o)]
+    own = [ok for p, o in zip(prompt_ids, outputs) for ok in teacher_forced_agreement(engine, p, o)]
     same = sum(a == b for a, b in zip(outputs, full_outputs))
     return {
         "reference_agreement": _share(forced),
