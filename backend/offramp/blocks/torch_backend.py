@@ -34,7 +34,6 @@ class TorchBackend(BlockBackend):
         wants = fused and kv.dtype == torch.bfloat16 and on_cpu and not kv.head_major
         self.fused = fused_ops.kernels() if wants else None
         self._runs: tuple[AttentionMetadata | None, list] = (None, [])
-        self._packed_layer: dict[int, tuple[list[torch.Tensor], list[int]]] = {}
         if self.fused is not None:  # each block's weights as the extension reads them, gathered once
             self._packed = [fused_ops.pack_layers(weights.layers[a:b]) for a, b in block_ranges]
 
@@ -111,7 +110,8 @@ class TorchBackend(BlockBackend):
         return hidden
 
     def _layer_packed(self, layer: int) -> tuple[list[torch.Tensor], list[int]]:
-        """One layer's weights as the extension reads them (``pack_layers``), gathered on first use."""
-        if layer not in self._packed_layer:
-            self._packed_layer[layer] = fused_ops.pack_layers([self.weights.layers[layer]])
-        return self._packed_layer[layer]
+        """One layer's part of its block's packed weights (``pack_layers``: 11 tensors, 12 ints a layer)."""
+        b = next(i for i, (start, end) in enumerate(self.block_ranges) if start <= layer < end)
+        tensors, specs = self._packed[b]
+        i = layer - self.block_ranges[b][0]
+        return tensors[11 * i : 11 * i + 11], specs[12 * i : 12 * i + 12]

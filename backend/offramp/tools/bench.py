@@ -344,6 +344,11 @@ def _batch_invariant(engine: LLMEngine) -> bool:
     return getattr(backend, "fused", None) is not None and getattr(backend, "max_rows", 0) == fused.ALL_ROWS
 
 
+def _plain_params(max_tokens: int, ignore_eos: bool) -> SamplingParams:
+    """Plain decoding for the comparison: full depth, no drafts, whatever the server's settings."""
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, exit_policy="none", mode="early_exit")
+
+
 def _spec_rounds(
     engine: LLMEngine,
     prompt_ids: list[list[int]],
@@ -358,7 +363,7 @@ def _spec_rounds(
     in alternating order, so that drift on a noisy machine falls on both sides; medians of each and
     every pair's ratio. Draft counters stay those of the first lossless run."""
     lossless = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
-    plain = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, exit_policy="none", mode="early_exit")
+    plain = _plain_params(max_tokens, ignore_eos)
     speeds = {"lossless": [first["tokens_per_s"]], "plain": [first["plain_tokens_per_s"]]}
     for i in range(1, rounds):
         order = (("plain", plain), ("lossless", lossless)) if i % 2 else (("lossless", lossless), ("plain", plain))
@@ -384,7 +389,7 @@ def _spec_vs_plain(
 ) -> dict:
     """The same prompts decoded plainly (full depth, no drafts) in the same run: its speed, and the
     share of outputs identical to the lossless run's (1.0 unless a float near-tie flips)."""
-    plain = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, exit_policy="none", mode="early_exit")
+    plain = _plain_params(max_tokens, ignore_eos)
     metrics, plain_outputs = run_engine(engine, prompt_ids, concurrency, max_tokens, progress, params=plain)
     same = sum(a == b for a, b in zip(outputs, plain_outputs))
     return {"plain_tokens_per_s": metrics["tokens_per_s"], "sequence_match": round(same / len(outputs), 4)}
