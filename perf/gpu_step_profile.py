@@ -4,9 +4,10 @@ Runs ``--concurrency`` requests to steady decode on ``--model`` (float32 or bflo
 then profiles ``--steps`` engine steps with ``torch.profiler`` (CPU and CUDA activity). Reports the wall
 time per step, the GPU's busy time per step (the sum of kernel durations) and kernel launches per step:
 a wall time far above the busy time says the step is bound by the host, which CUDA graphs (one replay
-per step instead of hundreds of launches) would remove. One JSON line per concurrency.
+per step instead of hundreds of launches) removes. One JSON line per concurrency.
 
 Usage: python perf/gpu_step_profile.py --model PATH [--dtype bfloat16] [--concurrency 1 16] [--steps 20]
+       [--no-cuda-graphs]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def measure(engine: LLMEngine, concurrency: int, steps: int) -> dict:
         "dtype": engine.config.dtype,
         "weights": engine.config.weights,
         "concurrency": concurrency,
+        "cuda_graphs": engine.runner.loop.graphs is not None,
         "wall_ms_per_step": round(wall_ms, 3),
         "gpu_busy_ms_per_step": round(busy_us / 1e3 / steps, 3),
         "kernels_per_step": round(len(kernels) / steps, 1),
@@ -63,8 +65,16 @@ def main() -> None:
     ap.add_argument("--weights", default="none")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, weights=args.weights, max_num_seqs=64)
+    config = EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        weights=args.weights,
+        max_num_seqs=64,
+        cuda_graphs=args.cuda_graphs,
+    )
     engine = LLMEngine(config)
     for c in args.concurrency:
         print(json.dumps(measure(engine, c, args.steps)), flush=True)

@@ -3,8 +3,8 @@
 - float32 on CUDA is token-identical to Hugging Face greedy generate (tiny models; the default model);
 - bfloat16 on CUDA agrees with float32 teacher-forced (the same bar as on CPU);
 - with exits on, CPU and CUDA float32 take the same exit decisions and the same tokens;
-- a greedy decode step with exits off synchronises the host at most twice (measured with
-  ``torch.cuda.set_sync_debug_mode``).
+- a greedy decode step with exits off (a CUDA graph replay) synchronises the host at most twice (measured
+  with ``torch.cuda.set_sync_debug_mode``).
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def test_exits_take_the_same_decisions_on_cpu_and_cuda(tiny_models, kv_fill):
 
 def test_a_greedy_decode_step_synchronises_at_most_twice(tiny_models):
     engine = LLMEngine(EngineConfig(model=str(tiny_models["llama"]), page_size=4, device="cuda"))
+    engine.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))  # captures the steps' CUDA graphs
+    replays = engine.runner.loop.graphs.num_replays
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=8, ignore_eos=True))
     engine.step()  # prefill
@@ -96,6 +98,7 @@ def test_a_greedy_decode_step_synchronises_at_most_twice(tiny_models):
         torch.cuda.set_sync_debug_mode("default")
     print(f"host synchronisations per decode step: {counts}")
     assert counts and max(counts) <= 2
+    assert engine.runner.loop.graphs.num_replays >= replays + len(counts) - 1  # the decode steps replayed graphs
 
 
 @pytest.mark.parametrize("kv_fill", ["propagate", "recompute"])

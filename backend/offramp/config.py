@@ -107,6 +107,11 @@ class EngineConfig:
         "torch backend, CPU, bfloat16: decode steps run the small ops between the matrix products as fused C++ "
         "kernels (compiled once on first use; eager where no compiler is found)",
     )
+    cuda_graphs: bool = option(
+        True,
+        "torch backend, one GPU: full-depth decode steps (exits off, up to 64 sequences) replay CUDA graphs captured "
+        "once per batch and context bucket, one launch instead of ~1,100 kernels; eager where a step does not fit",
+    )
     batch_invariant: bool | None = option(
         None,
         "torch backend, CPU, bfloat16, fused decode: prompt chunks also run through the fused per-row kernels, so "

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from offramp.blocks.base import BlockBackend
+from offramp.blocks.cuda_graphs import DecodeGraphs
 from offramp.engine.scheduler import ScheduledSeq
 from offramp.exits import ExitCheck, ExitHead, ExitPolicy
 from offramp.model.attention import AttentionMetadata, SeqSlice, build_metadata
@@ -132,6 +133,7 @@ class BlockLoop:
         self.pending: dict[int, list[Pending]] = {}  # seq_id -> kept tokens (recompute)
         self.stats = LoopStats()
         self._sparse_step = False
+        self.graphs: DecodeGraphs | None = None  # full-depth decode steps as CUDA graph replays
 
     def release(self, seq_id: int) -> None:
         """Forget a sequence's kept tokens (finished, aborted, or about to be recomputed)."""
@@ -180,8 +182,10 @@ class BlockLoop:
             sizes = [s.num_rows for s in step.slices]
             hidden = self._blocks(0, self.backend.num_blocks, hidden, meta, list(range(len(step.items))), sizes)
         elif len(parts) == 1:
-            hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
-            hidden = self.backend.run_blocks(0, self.backend.num_blocks, hidden, meta)
+            hidden = None if self.graphs is None else self.graphs.run(step.token_ids, step.slices)
+            if hidden is None:  # not a step of decode rows that a graph bucket holds: eager
+                hidden, meta = self._embed(step.token_ids), self._meta(step.slices)
+                hidden = self.backend.run_blocks(0, self.backend.num_blocks, hidden, meta)
         else:  # pipeline stages: micro-batches of items in flight across the stages
             rows = [0, *itertools.accumulate(s.num_rows for s in step.slices)]
             inputs = [(self._embed(step.token_ids[rows[a] : rows[b]]), self._meta(step.slices[a:b])) for a, b in parts]

@@ -125,7 +125,9 @@ class LLMEngine:
             limits = (self.max_model_len, num_pages * config.page_size, shape.num_kv_heads)
             export_dir = prepare_export(config, self.checkpoint, self.block_ranges, *limits)
         kv_device, head_major = kv_layout(config, self.device)
-        self.kv = KVStore(shape, num_pages, config.page_size, self.dtype, [kv_device] * shape.num_layers, head_major)
+        graphs = config.cuda_graphs and config.backend == "torch" and self.device.type == "cuda"
+        devices = [kv_device] * shape.num_layers
+        self.kv = KVStore(shape, num_pages, config.page_size, self.dtype, devices, head_major, scratch_page=graphs)
         self.backend = build_backend(config, self.weights, self.kv, self.block_ranges, export_dir)
         return num_pages
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from offramp.blocks.base import BlockBackend
+from offramp.blocks.cuda_graphs import DecodeGraphs
 from offramp.config import EngineConfig
 from offramp.engine.block_loop import BlockLoop, ExitChoice, LoopResult, LoopStats, StepInput
 from offramp.engine.page_manager import PageManager
@@ -63,6 +64,9 @@ class ModelRunner:
             self.head,
             self.sparse,
         )
+        scratch = backend.kv.scratch_page
+        if config.cuda_graphs and scratch is not None and self.sparse is None and weights.embed.is_cuda:
+            self.loop.graphs = DecodeGraphs(backend, self.cos, self.sin, pages.page_size, max_model_len, scratch)
 
     def _sparse_executor(self) -> SparseExecutor | None:
         """Contextual sparsity's executor when a predictor is configured (its file is checked here)."""

@@ -34,7 +34,8 @@ class KVStore:
     index ``page * page_size + offset`` addresses one token's K or V.
 
     ``layers`` (default: all) are the layers this store holds, e.g. one pipeline stage's; the others
-    get empty tensors. ``devices`` gives each layer's device (layers split over devices).
+    get empty tensors. ``devices`` gives each layer's device (layers split over devices). With
+    ``scratch_page`` one more page (id ``num_pages``) follows the ones the page manager hands out.
     """
 
     def __init__(
@@ -46,11 +47,14 @@ class KVStore:
         devices: list[torch.device] | None = None,
         head_major: bool = False,
         layers: range | None = None,
+        scratch_page: bool = False,
     ) -> None:
         self.num_pages = num_pages
         self.page_size = page_size
         self.dtype = dtype
-        num_slots = num_pages * page_size
+        # one more page that no sequence owns, for the padding rows of CUDA graph steps to write to
+        self.scratch_page = num_pages if scratch_page else None
+        num_slots = (num_pages + scratch_page) * page_size
         devices = devices or [torch.device("cpu")] * shape.num_layers
         self.head_major = head_major
         dims = (

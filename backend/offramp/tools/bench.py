@@ -225,6 +225,8 @@ def bench(
         "layers_per_block": engine.config.layers_per_block,
         "batch_invariant": _batch_invariant(engine),
         "placement": None if engine.placement is None else engine.placement.as_dict(),  # devices / stages
+        "device": str(engine.device),
+        "cuda_graph_replays": None if engine.runner.loop.graphs is None else engine.runner.loop.graphs.num_replays,
         "concurrency": concurrency,
         "num_requests": num_requests,
         "max_tokens": max_tokens,
