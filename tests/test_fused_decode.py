@@ -53,9 +53,20 @@ STEPS = {
 }
 
 
+def _load(path, weights_format: str):
+    """Weights in ``weights_format``; ``int4+act16``/``int8+act16``: with int16 activations (AVX2 kernels)."""
+    fmt, _, act16 = weights_format.partition("+")
+    if act16 and not fused.int16_activations_available():
+        pytest.skip("int16 activations are the AVX2 kernels' (this CPU runs others)")
+    weights, _ = load_weights(path, torch.bfloat16, fmt, 32)
+    if act16:
+        fused.use_int16_activations(weights)
+    return weights
+
+
 @pytest.mark.parametrize("step", sorted(STEPS))
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-@pytest.mark.parametrize("weights_format", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("weights_format", ["bf16", "int8", "int4", "int8+act16", "int4+act16"])
 def test_fused_layers_match_eager_layers(ops, tiny_models, model_type, weights_format, step, monkeypatch):
     """A step's rows through every layer: the hidden states agree within bfloat16 rounding and the K/V
     written to the store is the same. The fused kernel attends in float32; so does the eager layer for
@@ -67,7 +78,7 @@ def test_fused_layers_match_eager_layers(ops, tiny_models, model_type, weights_f
         return real_attention(q.float(), k_store.float(), v_store.float(), g, page_size).to(q.dtype)
 
     monkeypatch.setattr(attention, "_group_attention", float_attention)
-    weights, _ = load_weights(tiny_models[model_type], torch.bfloat16, weights_format, 32)
+    weights = _load(tiny_models[model_type], weights_format)
     s = weights.shape
     cos, sin = rope_tables(weights.inv_freq, 64, weights.attention_scaling, torch.bfloat16)
     meta = build_metadata(STEPS[step], PAGE, cos, sin)
@@ -95,7 +106,7 @@ def test_fused_layers_match_eager_layers(ops, tiny_models, model_type, weights_f
     assert torch.equal(fused_kv.v[0][meta.slot_mapping], eager_kv.v[0][meta.slot_mapping])
 
 
-@pytest.mark.parametrize("weights_format", ["int8", "int4"])
+@pytest.mark.parametrize("weights_format", ["int8", "int4", "int8+act16"])  # int4+act16: see below
 def test_fused_rows_do_not_depend_on_the_rows_beside_them(ops, tiny_models, weights_format):
     """Batch invariance with int8/int4 weights: each sequence's rows through every layer alone, and in one
     step with the others (a long context over several attention slices, a 5-row verification, decodes),
@@ -103,7 +114,7 @@ def test_fused_rows_do_not_depend_on_the_rows_beside_them(ops, tiny_models, weig
     bfloat16: a verification step's rows compute exactly what decode steps would. (The outputs are
     bfloat16, so float32 sums taken in another order would only rarely show here; the sharp check is the
     bench's sequence_match against plain decoding on the default model, 64 tokens per request.)"""
-    weights, _ = load_weights(tiny_models["llama"], torch.bfloat16, weights_format, 32)
+    weights = _load(tiny_models["llama"], weights_format)
     s = weights.shape
     cos, sin = rope_tables(weights.inv_freq, 256, weights.attention_scaling, torch.bfloat16)
     seqs = [SeqSlice(150, 1, list(range(40))), SeqSlice(6, 5, [40, 41, 42]), SeqSlice(0, 1, [43])]
@@ -296,7 +307,7 @@ def test_int8_product_matches_float32(ops, rows):
     gen = torch.Generator().manual_seed(0)
     w = quantize_int8(torch.randn(1027, 96, generator=gen))
     x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
-    ours = ops.int8_mm(x, w.q, w.scale, 17)
+    ours = ops.int8_mm(x, w.q, w.scale, 17, False)
     exact = x.float() @ w.dequantize().T  # [rows, 1027]
     assert ours.shape == (rows, 1027)
     atol = 1e-3 if rows <= 16 else 2**-7 * exact.abs().max().item()
@@ -308,11 +319,11 @@ def test_int8_product_matches_float32(ops, rows):
         x = torch.randn(rows, 256, generator=gen).to(torch.bfloat16)
         exact = x.float() @ wide.dequantize().T
         atol = 1e-3 if rows <= 16 else 2**-7 * exact.abs().max().item()
-        torch.testing.assert_close(ops.int8_mm(x, q, scale, 17).float(), exact, rtol=1 / 128, atol=atol)
+        torch.testing.assert_close(ops.int8_mm(x, q, scale, 17, False).float(), exact, rtol=1 / 128, atol=atol)
     with pytest.raises(RuntimeError, match="scale: float16"):
-        ops.int8_mm(x, q, scale.float(), 0)
+        ops.int8_mm(x, q, scale.float(), 0, False)
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        ops.int8_mm(x, q, torch.ones(70, 16, dtype=torch.float16), 0)
+        ops.int8_mm(x, q, torch.ones(70, 16, dtype=torch.float16), 0, False)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 45])
@@ -330,18 +341,20 @@ def test_int4_product_is_torchs_kernel(ops, rows):
     codes = quantize_int4(torch.randn(192, 128, generator=gen), 32)  # three blocks of 64 rows
     w = int4_weight(nibbles(codes.codes), codes.scale_zero(), 32)
     x = torch.randn(rows, 128, generator=gen).to(torch.bfloat16)
-    ours = ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features, 0)
+    ours = ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features, 0, False)
     assert ours.shape == (rows, 192)
     ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zero)
     torch.testing.assert_close(ours.float(), ref.float(), rtol=1 / 128, atol=1e-2)
     exact = x.float() @ codes.dequantize().T  # [rows, 192]: scales and zeros as held (before bfloat16)
     torch.testing.assert_close(ours.float(), exact, rtol=0.02, atol=0.05 * exact.abs().max().item())
     # a prompt chunk's path (from dense_from_rows rows): bfloat16-rounded weights and one oneDNN product
-    dense = ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features, 1)
+    dense = ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features, 1, False)
     torch.testing.assert_close(dense.float(), exact, rtol=0.02, atol=0.05 * exact.abs().max().item())
     torch.testing.assert_close(dense.float(), ours.float(), rtol=2**-6, atol=2**-7 * exact.abs().max().item())
     # batch invariance: a row's result does not depend on the rows beside it (same sums at any batch size)
-    alone = torch.cat([ops.int4_mm(x[i : i + 1], w.packed, w.scale_zero, 32, w.out_features, 0) for i in range(rows)])
+    alone = torch.cat(
+        [ops.int4_mm(x[i : i + 1], w.packed, w.scale_zero, 32, w.out_features, 0, False) for i in range(rows)]
+    )
     assert torch.equal(alone, ours)
 
 
@@ -356,13 +369,102 @@ def test_int4_product_group_sizes(ops):
         codes = quantize_int4(torch.randn(128, 256, generator=gen), group)
         w = int4_weight(nibbles(codes.codes), codes.scale_zero(), group)
         x = torch.randn(9, 256, generator=gen).to(torch.bfloat16)
-        ours = ops.int4_mm(x, w.packed, w.scale_zero, group, w.out_features, 0)
+        ours = ops.int4_mm(x, w.packed, w.scale_zero, group, w.out_features, 0, False)
         exact = x.float() @ codes.dequantize().T  # [9, 128]
         torch.testing.assert_close(ours.float(), exact, rtol=0.02, atol=0.05 * exact.abs().max().item())
     codes = quantize_int4(torch.randn(100, 256, generator=gen), 32)  # packed as 112 rows: not whole blocks
     w = int4_weight(nibbles(codes.codes), codes.scale_zero(), 32)
     x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="unsupported shape"):
-        ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features, 0)
+        ops.int4_mm(x, w.packed, w.scale_zero, 32, w.out_features, 0, False)
     exact = x.float() @ codes.dequantize().T  # [3, 100]
     torch.testing.assert_close(w.matmul(x).float(), exact, rtol=0.02, atol=0.05 * exact.abs().max().item())
+
+
+def _q16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's activations as the AVX2 kernels quantize them: [m, K] -> codes [m, K / 32, 32], scales [m, K / 32]."""
+    blocks = x.float().view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1)
+    inv = torch.where(amax > 0, 16383.0 / amax, torch.zeros_like(amax))
+    return torch.round(blocks * inv[..., None]), amax / 16383.0
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_product_with_int16_activations(ops, group):
+    """The AVX2 int4 product with int16 activations, for a lone row, against its definition (per block of 32
+    columns d * sum q xq, per group y = s acc + (z - 8 s) sum x) in float64 and against the product with
+    float32 activations: both within the output's bfloat16 rounding. Several rows run the float32 path
+    (faster there): the same bits as without int16 activations."""
+    from offramp.model.quant import int4_weight, nibbles, quantize_int4
+
+    if not ops.int16_activations_available():
+        pytest.skip("int16 activations are the AVX2 kernels' (this CPU runs others)")
+    gen = torch.Generator().manual_seed(group)
+    codes = quantize_int4(torch.randn(96, 256, generator=gen), group)  # three blocks of 32 rows
+    w = int4_weight(nibbles(codes.codes), codes.scale_zero(), group)
+    x = torch.randn(1, 256, generator=gen).to(torch.bfloat16)
+    ours = ops.int4_mm(x, w.packed, w.scale_zero, group, 96, 0, True)
+    xq, d = _q16(x)
+    sums = torch.einsum("mbc,nbc->mnb", xq.double(), codes.codes.double().view(96, -1, 32)) * d.double()[:, None]
+    acc = sums.view(1, 96, 256 // group, group // 32).sum(-1)  # [1, N, groups]
+    sz = codes.scale_zero().double()  # [groups, N, 2] as the kernel reads them (bfloat16)
+    s, z = sz[..., 0].t(), sz[..., 1].t()  # [N, groups]
+    xs = x.double().view(1, 256 // group, group).sum(-1)  # [1, groups]
+    ref = (acc * s + (z - 8 * s) * xs[:, None]).sum(-1)  # [1, N]
+    torch.testing.assert_close(ours.double(), ref, rtol=2**-8, atol=2**-8 * ref.abs().max().item())
+    floats = ops.int4_mm(x, w.packed, w.scale_zero, group, 96, 0, False).double()
+    torch.testing.assert_close(ours.double(), floats, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
+    rows = torch.randn(5, 256, generator=gen).to(torch.bfloat16)
+    several = ops.int4_mm(rows, w.packed, w.scale_zero, group, 96, 0, True)
+    assert torch.equal(several, ops.int4_mm(rows, w.packed, w.scale_zero, group, 96, 0, False))
+
+
+def test_batch_invariant_engines_keep_float32_activations_for_int4(tiny_models):
+    """int4 takes int16 activations for lone rows only, so an engine that needs a row's bits to be the same in
+    any batch (lossless speculation) keeps float32 activations there; its int8 LM head (int16 at any number
+    of rows) takes them either way."""
+    if not fused.int16_activations_available():
+        pytest.skip("int16 activations are the AVX2 kernels' (this CPU runs others)")
+    common = dict(model=str(tiny_models["llama"]), dtype="bfloat16", weights="int4")
+    plain = LLMEngine(EngineConfig(**common))
+    invariant = LLMEngine(EngineConfig(**common, batch_invariant=True))
+    assert plain.weights.layers[0].qkv.int16_act and plain.weights.lm_head.int16_act
+    assert not invariant.weights.layers[0].qkv.int16_act and invariant.weights.lm_head.int16_act
+    off = LLMEngine(EngineConfig(**common, int16_activations=False))
+    assert not off.weights.layers[0].qkv.int16_act and not off.weights.lm_head.int16_act
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_int8_product_with_int16_activations(ops, rows):
+    """The AVX2 int8 product with int16 activations (the LM head's): sum_b s[b] d[b] sum q xq, against float64."""
+    from offramp.model.quant import quantize_int8
+
+    if not ops.int16_activations_available():
+        pytest.skip("int16 activations are the AVX2 kernels' (this CPU runs others)")
+    gen = torch.Generator().manual_seed(rows)
+    w = quantize_int8(torch.randn(1027, 96, generator=gen))
+    x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
+    ours = ops.int8_mm(x, w.q, w.scale, 0, True)
+    xq, d = _q16(x)
+    ref = torch.einsum("mbc,nbc->mnb", xq.double(), w.q.double().view(1027, -1, 32)) * d.double()[:, None]
+    ref = (ref * w.scale.double()[None]).sum(-1)  # [rows, N]
+    torch.testing.assert_close(ours.double(), ref, rtol=2**-8, atol=2**-8 * ref.abs().max().item())
+    alone = torch.cat([ops.int8_mm(x[i : i + 1], w.q, w.scale, 0, True) for i in range(rows)])
+    assert torch.equal(alone, ours)
+
+
+def test_int16_activations_are_checked():
+    """Only int4/int8 weights on a CPU whose kernels take them; anything else is one error naming the option."""
+    with pytest.raises(ValueError, match="int16_activations: only int4/int8 weights"):
+        EngineConfig(weights="bf16", dtype="bfloat16", int16_activations=True)
+    with pytest.raises(ValueError, match="int16_activations: must be true or false"):
+        EngineConfig(weights="int4", dtype="bfloat16", int16_activations="yes")
+    with pytest.raises(ValueError, match="int16_activations: only int4/int8 weights on the CPU"):
+        fused.int16_activations_for(True, "int4", torch.device("cuda"))
+    assert not fused.int16_activations_for(None, "bf16", torch.device("cpu"))
+    if fused.int16_activations_available():
+        assert fused.int16_activations_for(None, "int4", torch.device("cpu"))
+        assert not fused.int16_activations_for(False, "int4", torch.device("cpu"))
+    else:
+        with pytest.raises(ValueError, match="int16_activations: they are the extension's AVX2 kernels"):
+            fused.int16_activations_for(True, "int4", torch.device("cpu"))

@@ -67,7 +67,7 @@ def test_int8_product_is_the_dequantized_product(rows, kernel, monkeypatch):
     if kernel == "extension" and (ops is None or not ops.int8_mm_fast()):
         pytest.skip("no fused kernels here")
     monkeypatch.setattr(
-        quant, "INT8_MM", [(lambda x, q, s: ops.int8_mm(x, q, s, 0)) if kernel == "extension" else None]
+        quant, "INT8_MM", [(lambda x, q, s, act16: ops.int8_mm(x, q, s, 0, act16)) if kernel == "extension" else None]
     )
     torch.manual_seed(4)
     w = quantize_int8(torch.randn(130, 128) * torch.logspace(-2, 0, 128))  # 130 rows: not whole blocks of 64
@@ -326,13 +326,23 @@ OUTPUT = torch.randint(1, 121, (24,), generator=TOKENS).tolist()
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # tied head (its own packed copy) / untied, biases
 @pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_quantized_engine_computes_its_weights_in_bfloat16(tiny_models, model_type, weights):
+@pytest.mark.parametrize("int16_act", [False, True])
+def test_quantized_engine_computes_its_weights_in_bfloat16(tiny_models, model_type, weights, int16_act):
     """Quantized engine vs float32 on the de-quantized weights: only bfloat16 activation rounding
     differs (the bf16 engine vs float32 on the same weights: ~0.03 relative), so 0.08 relative RMS and
-    90% of teacher-forced argmax."""
-    engine = LLMEngine(EngineConfig(model=str(tiny_models[model_type]), dtype="bfloat16", weights=weights))
+    90% of teacher-forced argmax, with float32 or int16 activations (the AVX2 kernels' integer products)."""
+
+    from offramp.model import fused
+
+    if int16_act and not (fused.kernels() and fused.int16_activations_available()):
+        pytest.skip("int16 activations are the AVX2 kernels' (this CPU runs others)")
+    config = EngineConfig(
+        model=str(tiny_models[model_type]), dtype="bfloat16", weights=weights, int16_activations=int16_act
+    )
+    engine = LLMEngine(config)
     kind = Int8Weight if weights == "int8" else Int4Weight
     assert isinstance(engine.weights.layers[0].qkv, kind) and isinstance(engine.weights.lm_head, Int8Weight)
+    assert engine.weights.layers[0].qkv.int16_act == int16_act and engine.weights.lm_head.int16_act == int16_act
     assert isinstance(engine.weights.embed, torch.Tensor) and engine.weights.embed.dtype == torch.bfloat16
     ours, ref = (
         _logits(engine, PROMPT, OUTPUT),

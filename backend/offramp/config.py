@@ -107,6 +107,12 @@ class EngineConfig:
         "torch backend, CPU, bfloat16: decode steps run the small ops between the matrix products as fused C++ "
         "kernels (compiled once on first use; eager where no compiler is found)",
     )
+    int16_activations: bool | None = option(
+        None,
+        "int4/int8 weights on an AVX2 CPU without AVX512-BF16: decode products quantize each row's activations to "
+        "int16 per 32 columns and multiply the weights as integers (twice the products per instruction of float32 "
+        "FMAs, the same quality) (default: on wherever those kernels run)",
+    )
     cuda_graphs: bool = option(
         True,
         "torch backend, one GPU: full-depth decode steps (exits off, up to 64 sequences) replay CUDA graphs captured "
@@ -343,6 +349,10 @@ class EngineConfig:
     def _check_weights(self) -> None:
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights: {self.weights!r} is not one of {', '.join(WEIGHTS)}")
+        if self.int16_activations not in (None, True, False):
+            raise ValueError(f"int16_activations: must be true or false, got {self.int16_activations!r}")
+        if self.int16_activations and self.weights not in ("int4", "int8"):
+            raise ValueError(f"int16_activations: only int4/int8 weights take them, not weights {self.weights}")
         if self.weight_group_size not in WEIGHT_GROUP_SIZES:
             sizes = ", ".join(map(str, WEIGHT_GROUP_SIZES))
             raise ValueError(f"weight_group_size: {self.weight_group_size!r} is not one of {sizes}")

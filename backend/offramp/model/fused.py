@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from offramp.model import quant
 from offramp.model.attention import AttentionGroup, AttentionMetadata
-from offramp.model.decoder import LayerWeights, ModelShape
+from offramp.model.decoder import LayerWeights, ModelShape, ModelWeights
 from offramp.model.quant import Int4Weight, Int8Weight
 
 log = logging.getLogger("offramp")
@@ -47,15 +47,50 @@ def kernels() -> ModuleType | None:
             try:
                 ops = _state["ops"] = _build()
                 if ops.int8_mm_fast():
-                    quant.INT8_MM[0] = lambda x, q, s: ops.int8_mm(x, q, s, DENSE_FROM_ROWS)
+                    quant.INT8_MM[0] = lambda x, q, s, act16: ops.int8_mm(x, q, s, DENSE_FROM_ROWS, act16)
                 if ops.int4_mm_available():
                     quant.INT4_MM_BLOCK[0] = ops.int4_block_rows()
-                    quant.INT4_MM[0] = lambda x, p, sz, g, n: ops.int4_mm(x, p, sz, g, n, DENSE_FROM_ROWS)
+                    quant.INT4_MM[0] = lambda x, p, sz, g, n, act16: ops.int4_mm(x, p, sz, g, n, DENSE_FROM_ROWS, act16)
             except Exception as exc:  # no compiler, no ninja, a failed build: eager decode still works
                 lines = str(exc).strip().splitlines() or [""]
                 _state["error"] = f"{type(exc).__name__}: {lines[-1]}"
                 log.warning("fused decode kernels unavailable, decoding with eager ops (%s)", _state["error"])
         return _state.get("ops")  # type: ignore[return-value]
+
+
+def int16_activations_available() -> bool:
+    """Whether the extension's int4 and int8 products take int16 activations here (its AVX2 kernels)."""
+    ops = kernels()
+    return ops is not None and bool(ops.int16_activations_available())
+
+
+def int16_activations_for(wanted: bool | None, weights: str, device: torch.device) -> bool:
+    """Whether decode products take int16 activations: ``int16_activations`` as configured (None: wherever the
+    extension's AVX2 kernels run), for int4/int8 weights on the CPU only."""
+    if weights not in ("int4", "int8") or device.type != "cpu":
+        if wanted:
+            raise ValueError(
+                f"int16_activations: only int4/int8 weights on the CPU take them (not {weights} on {device})"
+            )
+        return False
+    here = int16_activations_available()
+    if wanted and not here:
+        why = unavailable_reason() or "this CPU runs the AVX-512 bfloat16 kernels or none"
+        raise ValueError(f"int16_activations: they are the extension's AVX2 kernels, which do not run here ({why})")
+    return here if wanted is None else wanted
+
+
+def use_int16_activations(weights: ModelWeights, int4: bool = True) -> None:
+    """Mark the int8 linears of ``weights`` (layers a pipeline stage holds, and the LM head) to take int16
+    activations in their decode products, and with ``int4`` the int4 ones too. int4 products take them for a
+    lone row only (faster there, slower for several), so a row's bits then depend on what shares its step:
+    an engine that needs them not to (``batch_invariant``) passes ``int4=False``."""
+    linears = [
+        w for layer in weights.layers if layer is not None for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+    ]
+    for w in [*linears, weights.lm_head]:
+        if isinstance(w, Int8Weight) or (int4 and isinstance(w, Int4Weight)):
+            w.int16_act = True
 
 
 def int4_product_available() -> bool:
@@ -96,6 +131,7 @@ DENSE_FROM_ROWS = 256
 MAX_ROWS_PER_SEQ = 16  # a sequence bringing more new rows (a prompt chunk) runs eager: SDPA is the better kernel there
 
 
+INT16_ACT = 8  # added to a linear's kind in pack_layers: the product takes int16 activations (kInt16Act)
 ALL_ROWS = 1 << 62  # max_rows of a batch-invariant engine: prompt chunks run fused too
 
 
@@ -167,9 +203,11 @@ def pack_layers(layers: list[LayerWeights]) -> tuple[list[torch.Tensor], list[in
             if isinstance(weight, torch.Tensor):
                 parts, spec = (weight, weight), (0, 0, weight.shape[0])
             elif isinstance(weight, Int8Weight):
-                parts, spec = (weight.q, weight.scale), (1, weight.group_size, weight.shape[0])
+                kind = 1 + INT16_ACT * weight.int16_act
+                parts, spec = (weight.q, weight.scale), (kind, weight.group_size, weight.shape[0])
             elif isinstance(weight, Int4Weight):
-                parts, spec = (weight.packed, weight.scale_zero), (2, weight.group_size, weight.out_features)
+                kind = 2 + INT16_ACT * weight.int16_act
+                parts, spec = (weight.packed, weight.scale_zero), (kind, weight.group_size, weight.out_features)
             else:
                 raise TypeError(f"fused decode: no kernel for a {type(weight).__name__} weight")
             tensors += [*parts, bias] if i == 0 else list(parts)

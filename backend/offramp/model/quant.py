@@ -43,6 +43,7 @@ class Int8Weight:
 
     q: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N, K // group_size] float16
+    int16_act: bool = False  # decode products take int16 activations (the AVX2 kernels; LLMEngine sets it)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -60,14 +61,14 @@ class Int8Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [n, K] bfloat16 -> [n, N] bfloat16
         if INT8_MM[0] is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            return INT8_MM[0](x.contiguous(), self.q, self.scale)
+            return INT8_MM[0](x.contiguous(), self.q, self.scale, self.int16_act)
         # other devices (CUDA) and CPUs without the extension: an upcast product, the weights de-quantized
         # to the activations' dtype (q * s rounded once)
         return torch.nn.functional.linear(x, self.dequantize().to(x.dtype))
 
     def rows(self, start: int) -> Int8Weight | None:
         """Output rows ``start:`` (e.g. the K/V part of a fused QKV)."""
-        return Int8Weight(self.q[start:], self.scale[start:])
+        return Int8Weight(self.q[start:], self.scale[start:], self.int16_act)
 
     def dequantize(self) -> torch.Tensor:  # [N, K] float32 (exact: q * scale has at most 19 significant bits)
         return self.q.float() * self.scale.float().repeat_interleave(self.group_size, dim=1)
@@ -99,6 +100,7 @@ class Int4Weight:
     scale_zero: torch.Tensor  # [K // group_size, N_pad, 2] bfloat16
     group_size: int
     out_features: int  # N: rows beyond it are zero padding
+    int16_act: bool = False  # decode products take int16 activations (the AVX2 kernels; LLMEngine sets it)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -112,7 +114,9 @@ class Int4Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [n, K] bfloat16 -> [n, N] bfloat16
         if INT4_MM[0] is not None and x.device.type == "cpu" and self.packed.shape[0] % INT4_MM_BLOCK[0] == 0:
-            return INT4_MM[0](x.contiguous(), self.packed, self.scale_zero, self.group_size, self.out_features)
+            return INT4_MM[0](
+                x.contiguous(), self.packed, self.scale_zero, self.group_size, self.out_features, self.int16_act
+            )
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size, self.scale_zero)
         return y if y.shape[1] == self.out_features else y[:, : self.out_features]
 
@@ -121,7 +125,7 @@ class Int4Weight:
         if start % ROW_BLOCK:
             return None
         sz = self.scale_zero[:, start:].contiguous()  # [K // group, N_pad - start, 2]
-        return Int4Weight(self.packed[start:], sz, self.group_size, self.out_features - start)
+        return Int4Weight(self.packed[start:], sz, self.group_size, self.out_features - start, self.int16_act)
 
     def dequantize(self) -> torch.Tensor:  # [N, K] float32 (exact: the kernel's own float32 path on I)
         k = self.packed.shape[1] * 2

@@ -220,6 +220,7 @@ def bench(
         "dtype": engine.config.dtype,
         "weights": cfg.weights,
         "weight_group_size": cfg.weight_group_size if cfg.weights == "int4" else None,
+        "int16_activations": bool(getattr(engine.weights.lm_head, "int16_act", False)),  # the AVX2 kernels' scheme
         "weight_bytes": resident_weight_bytes(engine.weights),
         "weight_bytes_per_token": weight_bytes_per_token(engine.weights),
         "layers_per_block": engine.config.layers_per_block,

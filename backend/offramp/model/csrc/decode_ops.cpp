@@ -28,6 +28,23 @@ namespace {
 
 using bf16 = at::BFloat16;
 
+// A row's activations as 15-bit integers per block of 32 columns: xq = round(x * kQ16 / max|x|), the scale
+// d = max|x| / kQ16. Their rounding (2^-15 of the block's largest) is far below that of the bfloat16 values
+// they come from (2^-9 of each), so the products keep the float32 path's quality (llama.cpp's int8, 2^-8
+// of the block's largest, cost the default model 3 points of agreement with HF here). The int4 product
+// splits each into int8 halves, xq = 128 hi + lo (lo in 0..127), for vpmaddubsw.
+constexpr float kQ16 = 16383.f;
+
+void quantize_row_q16(const float* x, int64_t k, int16_t* xq, float* d) {
+  for (int64_t b = 0; b < k; b += 32) {
+    float amax = 0.f;
+    for (int64_t c = b; c < b + 32; ++c) amax = std::max(amax, std::fabs(x[c]));
+    const float id = amax > 0.f ? kQ16 / amax : 0.f;
+    d[b / 32] = amax / kQ16;
+    for (int64_t c = b; c < b + 32; ++c) xq[c] = static_cast<int16_t>(std::nearbyint(x[c] * id));
+  }
+}
+
 inline float to_f(bf16 v) { return static_cast<float>(v); }
 inline float round_bf16(float v) { return static_cast<float>(bf16(v)); }
 
@@ -437,6 +454,43 @@ void dot_int8(const float* x, int64_t k, const int8_t* w, const float* s, int64_
 #endif
 }
 
+#if !OFFRAMP_DP && OFFRAMP_AVX2
+// One int8 weight row (scales s[] per group of `group` columns) against R rows of int16 activations (xq,
+// stride k; block scales xd, stride k / 32): out[r] = sum_b s[b] xd[r, b] sum_c q[c] xq[r, c]. The weights
+// widen to int16 once for all rows; vpmaddwd multiplies 16 pairs and sums them in pairs to int32 (exact).
+template <int R>
+void dot_q16(const int16_t* xq, const float* xd, int64_t k, const int8_t* w, const float* s, int64_t group,
+             float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < k; j += 32) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j + 16)));
+    const float sw = s[j / group];
+    for (int r = 0; r < R; ++r) {
+      const __m256i* xr = reinterpret_cast<const __m256i*>(xq + r * k + j);
+      const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xr)),
+                                            _mm256_madd_epi16(w1, _mm256_loadu_si256(xr + 1)));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(sw * xd[r * (k / 32) + j / 32]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {  // horizontal sum, one order for every R
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    out[r] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
+}
+
+template <int R>
+void dot_q16_dispatch(int64_t rows, const int16_t* xq, const float* xd, int64_t k, const int8_t* w, const float* s,
+                      int64_t group, float* out) {
+  if constexpr (R > 1) {
+    if (rows < R) return dot_q16_dispatch<R - 1>(rows, xq, xd, k, w, s, group, out);
+  }
+  dot_q16<R>(xq, xd, k, w, s, group, out);
+}
+#endif
+
 template <int R>
 void dot_int8_dispatch(int64_t rows, const float* x, int64_t k, const int8_t* w, const float* s, int64_t group,
                        float* out) {
@@ -453,7 +507,8 @@ constexpr int64_t kInt8RowTile = 16, kInt8WeightBlock = 64;
 // cache) against tiles of up to 16 activation rows: with a decode step's few rows every weight row is read
 // once, as one stream. Each row's sums are the same at any batch size; from dense_from_rows rows (> 0: a
 // prompt chunk outside the fused step) see below.
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t dense_from_rows) {
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t dense_from_rows,
+                   bool int16_act) {
   check_bf16(x, "x");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) == x.size(1),
               "q: int8 [N, K]");
@@ -462,6 +517,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
               "scale: float16 [N, K / group]");
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0), groups = scale.size(1), group = k / groups;
   TORCH_CHECK(group % 32 == 0, "int8_mm: groups must be a multiple of 32 columns");
+  TORCH_CHECK(!int16_act || (!OFFRAMP_DP && OFFRAMP_AVX2), "int8_mm: int16 activations are the AVX2 kernels'");
   const int8_t* qp = q.data_ptr<int8_t>();
   const at::Half* sp = scale.data_ptr<at::Half>();
   if (dense_from_rows > 0 && m >= dense_from_rows) {
@@ -499,6 +555,30 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   for (int64_t i = 0; i < m * k; ++i) xf[i] = to_f(xp[i]);
   auto out = at::empty({m, n}, x.options());
   bf16* op = out.data_ptr<bf16>();
+#if !OFFRAMP_DP && OFFRAMP_AVX2
+  if (int16_act) {  // integer products (see dot_q16)
+    std::vector<int16_t> xq(m * k);
+    std::vector<float> xd(m * k / 32);
+    for (int64_t i = 0; i < m; ++i) quantize_row_q16(xf.data() + i * k, k, xq.data() + i * k, xd.data() + i * k / 32);
+    at::parallel_for(0, (n + kInt8WeightBlock - 1) / kInt8WeightBlock, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> sg(groups);
+      float acc[kInt8RowTile];
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t lo = blk * kInt8WeightBlock, hi = std::min(n, lo + kInt8WeightBlock);
+        for (int64_t i = 0; i < m; i += kInt8RowTile) {
+          const int64_t rows = std::min(kInt8RowTile, m - i);
+          for (int64_t row = lo; row < hi; ++row) {
+            for (int64_t g = 0; g < groups; ++g) sg[g] = static_cast<float>(sp[row * groups + g]);
+            dot_q16_dispatch<kInt8RowTile>(rows, xq.data() + i * k, xd.data() + i * k / 32, k, qp + row * k, sg.data(),
+                                           group, acc);
+            for (int64_t j = 0; j < rows; ++j) op[(i + j) * n + row] = bf16(acc[j]);
+          }
+        }
+      }
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, (n + kInt8WeightBlock - 1) / kInt8WeightBlock, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sg(groups);
     float acc[kInt8RowTile];
@@ -624,9 +704,10 @@ constexpr int64_t kRowTile = 6;  // 24 accumulators + 4 weight vectors + the bro
 // output rows at a time: its bytes are one sequential stream. Up to kRowTile rows unpack each column pair
 // in registers; more rows unpack a group's pairs once into a buffer that every tile of rows reads.
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group,
-                   int64_t out_features, int64_t dense_from_rows) {
+                   int64_t out_features, int64_t dense_from_rows, bool int16_act) {
   check_bf16(x, "x");
   check_bf16(scale_zero, "scale_zero");
+  TORCH_CHECK(!int16_act, "int4_mm: int16 activations are the AVX2 kernels' (bfloat16 dot products here)");
   const int64_t m = x.size(0), k = x.size(1), n_pad = packed.size(0);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == k,
               "packed: uint8 [N_pad, K / 2]");
@@ -801,10 +882,80 @@ void int4_group_dispatch_avx2(int64_t rows, const float* x, int64_t k, int64_t k
   int4_group_rows_avx2<R>(x, k, k0, group, wf, s, z, xs, xs_stride, y);
 }
 
+// int4 products with int16 activations (quantize_row_q16), as integers: vpmaddubsw multiplies 32 byte
+// pairs per instruction, codes (unsigned) by activations (signed), summing each row's pair of columns
+// (q[r, c] a[c] + q[r, c + 1] a[c + 1]) to int16. An activation is two such bytes, xq = 128 hi + lo, so two
+// products per pair of columns, each exact in int16 for 8 pairs (8 * 2 * 15 * 128 < 2^15) and then added
+// to int32 as 128 sum_hi + sum_lo. Per block acc += d * sum_c q xq, per group y += s acc + (z - 8 s) sum_c x
+// (that sum exact, from float32). For a lone row (a decode step of one sequence) this is 1.4x faster
+// than float32 FMAs, which must unpack every code to float32 for that one row; several rows share each
+// unpacked code there, and the float32 path is the faster one, so int4_mm takes this path for one row only
+// (an engine that needs a row's bits to be the same in any batch keeps float32: LLMEngine).
+
+// One column pair (c, c + 1) of a block's 32 rows as two registers of byte pairs (q[r, c], q[r, c + 1]):
+// rows 0-15 (low nibbles) and rows 16-31 (high), in row order, as vpmaddubsw reads them.
+inline void pair_codes(const uint8_t* b, __m256i& rows_lo, __m256i& rows_hi) {
+  const __m256i low = _mm256_set1_epi8(15);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));  // column c, then column c + 1
+  const __m256i lo = _mm256_permute4x64_epi64(_mm256_and_si256(v, low), 0xD8);
+  const __m256i hi = _mm256_permute4x64_epi64(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), 0xD8);
+  rows_lo = _mm256_unpacklo_epi8(lo, _mm256_srli_si256(lo, 8));
+  rows_hi = _mm256_unpacklo_epi8(hi, _mm256_srli_si256(hi, 8));
+}
+
+// A row's activations as the two byte planes of int4_q16_group_row: hi[c] = xq[c] >> 7, lo[c] = xq[c] & 127.
+void split_q16(const int16_t* xq, int64_t k, int8_t* hi, int8_t* lo) {
+  for (int64_t c = 0; c < k; ++c) {
+    hi[c] = static_cast<int8_t>(xq[c] >> 7);
+    lo[c] = static_cast<int8_t>(xq[c] & 127);
+  }
+}
+
+// One row of one group: codes from `w` (group * 16 bytes), activation bytes hi/lo (group values) with block
+// scales xd, exact sum xs.
+inline void int4_q16_group_row(const uint8_t* w, const int8_t* hi, const int8_t* lo, const float* xd, int64_t group,
+                               const __m256 s[4], const __m256 z[4], float xs, float* y) {
+  __m256 accf[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t b = 0; b < group; b += 32) {
+    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int64_t half = b; half < b + 32; half += 16) {  // 8 pairs: int16 sums stay exact
+      __m256i h_lo = _mm256_setzero_si256(), h_hi = _mm256_setzero_si256();
+      __m256i l_lo = _mm256_setzero_si256(), l_hi = _mm256_setzero_si256();
+      for (int64_t c = half; c < half + 16; c += 2) {
+        __m256i rows_lo, rows_hi;
+        pair_codes(w + c * 16, rows_lo, rows_hi);
+        int16_t ph, pl;
+        std::memcpy(&ph, hi + c, 2);
+        std::memcpy(&pl, lo + c, 2);
+        const __m256i xh = _mm256_set1_epi16(ph), xl = _mm256_set1_epi16(pl);
+        h_lo = _mm256_add_epi16(h_lo, _mm256_maddubs_epi16(rows_lo, xh));
+        h_hi = _mm256_add_epi16(h_hi, _mm256_maddubs_epi16(rows_hi, xh));
+        l_lo = _mm256_add_epi16(l_lo, _mm256_maddubs_epi16(rows_lo, xl));
+        l_hi = _mm256_add_epi16(l_hi, _mm256_maddubs_epi16(rows_hi, xl));
+      }
+      // rows 0-7, 8-15 (from the low-nibble registers), 16-23, 24-31: 128 hi + lo, in int32
+      const __m128i parts_h[4] = {_mm256_castsi256_si128(h_lo), _mm256_extracti128_si256(h_lo, 1),
+                                  _mm256_castsi256_si128(h_hi), _mm256_extracti128_si256(h_hi, 1)};
+      const __m128i parts_l[4] = {_mm256_castsi256_si128(l_lo), _mm256_extracti128_si256(l_lo, 1),
+                                  _mm256_castsi256_si128(l_hi), _mm256_extracti128_si256(l_hi, 1)};
+      for (int j = 0; j < 4; ++j)
+        acc[j] = _mm256_add_epi32(acc[j], _mm256_add_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(parts_h[j]), 7),
+                                                           _mm256_cvtepi16_epi32(parts_l[j])));
+    }
+    const __m256 d = _mm256_set1_ps(xd[b / 32]);
+    for (int j = 0; j < 4; ++j) accf[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j]), d, accf[j]);
+  }
+  const __m256 xsum = _mm256_set1_ps(xs);
+  for (int j = 0; j < 4; ++j) {
+    const __m256 out = _mm256_fmadd_ps(s[j], accf[j], _mm256_loadu_ps(y + j * 8));
+    _mm256_storeu_ps(y + j * 8, _mm256_fmadd_ps(z[j], xsum, out));
+  }
+}
+
 // y = x @ w.T as above (torch's AVX2 layout, N_pad a multiple of 32); from dense_from_rows rows (a prompt
 // chunk outside the fused step) the weights de-quantize to float32 once and one float32 product runs.
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group,
-                   int64_t out_features, int64_t dense_from_rows) {
+                   int64_t out_features, int64_t dense_from_rows, bool int16_act) {
   check_bf16(x, "x");
   check_bf16(scale_zero, "scale_zero");
   const int64_t m = x.size(0), k = x.size(1), n_pad = packed.size(0);
@@ -855,6 +1006,29 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     }
   auto out = at::empty({m, out_features}, x.options());
   bf16* op = out.data_ptr<bf16>();
+  if (int16_act && group % 32 == 0 && m == 1) {  // a lone row: integer products (int4_q16_group_row)
+    std::vector<int16_t> xq(k);
+    std::vector<int8_t> xhi(k), xlo(k);
+    std::vector<float> xd(k / 32);
+    quantize_row_q16(xf.data(), k, xq.data(), xd.data());
+    split_q16(xq.data(), k, xhi.data(), xlo.data());
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      alignas(32) float y[kInt4Block];
+      for (int64_t nb = begin; nb < end; ++nb) {
+        std::fill(y, y + kInt4Block, 0.f);
+        const uint8_t* block = pp + nb * kInt4Block * (k / 2);  // [K][16] bytes
+        for (int64_t g = 0; g < groups; ++g) {
+          __m256 s[4], z[4];
+          scales(g, nb, s, z);
+          int4_q16_group_row(block + g * group * 16, xhi.data() + g * group, xlo.data() + g * group,
+                             xd.data() + g * group / 32, group, s, z, xsum[g], y);
+        }
+        const int64_t rows = std::min<int64_t>(kInt4Block, out_features - nb * kInt4Block);
+        for (int64_t r = 0; r < rows; ++r) op[nb * kInt4Block + r] = bf16(y[r]);
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> y(m * kInt4Block);
     float* wf = static_cast<float*>(std::aligned_alloc(32, group * kInt4Block * sizeof(float)));
@@ -882,10 +1056,13 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return out;
 }
 #else
-at::Tensor int4_mm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t) {
+at::Tensor int4_mm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, bool) {
   TORCH_CHECK(false, "int4_mm needs AVX-512 with bfloat16 dot products, or AVX2 with FMA");
 }
 #endif
+
+// Whether int4_mm and int8_mm take int16 activations here (the AVX2 kernels, without AVX512-BF16).
+bool int16_activations_available() { return !OFFRAMP_DP && OFFRAMP_AVX2; }
 
 // Output rows per block of the int4 layout int4_mm reads (torch's CPU packing on this machine).
 int64_t int4_block_rows() { return OFFRAMP_DP ? 64 : 32; }
@@ -911,17 +1088,22 @@ namespace {
 
 // One linear as decoder.linear computes it: kind 0 a bfloat16 weight a [N, K] (bias added by the same
 // product); 1 int8 with a float16 scale per `group` columns (a codes, b scales); 2 int4 in torch's CPU
-// layout (a packed, b scales and zeros), out_features the rows to keep.
-at::Tensor linear_w(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias, int64_t kind,
-                    int64_t group, int64_t out_features) {
+// layout (a packed, b scales and zeros), out_features the rows to keep. kInt16Act added to 1 or 2: the
+// product takes int16 activations (the AVX2 kernels).
+constexpr int64_t kInt16Act = 8;
+
+at::Tensor linear_w(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                    int64_t spec_kind, int64_t group, int64_t out_features) {
+  const bool int16_act = spec_kind & kInt16Act;
+  const int64_t kind = spec_kind & ~kInt16Act;
   if (kind == 0) return bias.numel() ? at::linear(x, a, bias) : at::linear(x, a);
   at::Tensor y;
   if (kind == 1) {
-    y = int8_mm_fast() ? int8_mm(x, a, b, 0)
+    y = int8_mm_fast() ? int8_mm(x, a, b, 0, int16_act)
                        : at::linear(x, (a.to(at::kFloat) * b.to(at::kFloat).repeat_interleave(group, 1)).to(x.scalar_type()));
   } else {
     if (a.size(0) % int4_block_rows() == 0 && int4_mm_available()) {
-      y = int4_mm(x, a, b, group, out_features, 0);  // decode steps: the same sums at every batch size
+      y = int4_mm(x, a, b, group, out_features, 0, int16_act);  // decode steps: the same sums at every batch size
     } else {
       y = at::_weight_int4pack_mm_for_cpu(x, a, group, b);
       if (y.size(1) != out_features) y = y.narrow(1, 0, out_features).contiguous();
@@ -970,6 +1152,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_layout_matches", &int4_layout_matches, "whether torch's CPU int4 packing is the layout int4_mm reads");
   m.def("int4_mm_available", &int4_mm_available, "whether int4_mm runs on this machine");
   m.def("int4_block_rows", &int4_block_rows, "output rows per block of the int4 layout int4_mm reads");
+  m.def("int16_activations_available", &int16_activations_available, "whether the products take int16 activations here");
   m.def("int8_mm", &int8_mm, "group-wise int8 weight-only product (float16 scales per 32+ columns)");
   m.def("int8_mm_fast", &int8_mm_fast, "whether int8_mm has its vector kernel here");
   m.def("decode_block", &decode_block, "the layers of one block for rows rope_attend takes");
