@@ -73,25 +73,3 @@ def test_graph_replays_give_the_eager_engines_tokens(tiny_models, dtype, weights
         assert sum(same) / len(same) >= 0.8, (replayed, eager)
     assert graphs.disabled is None and graphs.num_replays > 0 and len(graphs.graphs) >= 4
     assert engine.pages.num_used_pages == 0
-
-
-@gpu
-@pytest.mark.gpu
-def test_graphs_leave_exits_and_chunks_to_the_eager_path(tiny_models):
-    """Exits run eager (the walk stops between blocks); their tokens equal a graph-less engine's."""
-    common = dict(
-        model=str(tiny_models["llama"]),
-        page_size=4,
-        layers_per_block=1,
-        min_exit_layer=1,
-        exit_policy="softmax",
-        exit_threshold=0.2,
-        device="cuda",
-    )
-    outs = []
-    for graphs in (True, False):
-        engine = LLMEngine(EngineConfig(**common, cuda_graphs=graphs))
-        outs.append([(o.token_ids, o.exit_layers) for o in engine.generate(PROMPTS, PARAMS)])
-        if graphs:
-            assert engine.runner.loop.graphs.num_replays == 0
-    assert outs[0] == outs[1]

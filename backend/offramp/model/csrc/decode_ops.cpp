@@ -555,28 +555,13 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   for (int64_t i = 0; i < m * k; ++i) xf[i] = to_f(xp[i]);
   auto out = at::empty({m, n}, x.options());
   bf16* op = out.data_ptr<bf16>();
+  std::vector<int16_t> xq;  // int16 activations (see dot_q16): the rows quantized once
+  std::vector<float> xd;
 #if !OFFRAMP_DP && OFFRAMP_AVX2
-  if (int16_act) {  // integer products (see dot_q16)
-    std::vector<int16_t> xq(m * k);
-    std::vector<float> xd(m * k / 32);
+  if (int16_act) {
+    xq.resize(m * k);
+    xd.resize(m * k / 32);
     for (int64_t i = 0; i < m; ++i) quantize_row_q16(xf.data() + i * k, k, xq.data() + i * k, xd.data() + i * k / 32);
-    at::parallel_for(0, (n + kInt8WeightBlock - 1) / kInt8WeightBlock, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> sg(groups);
-      float acc[kInt8RowTile];
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t lo = blk * kInt8WeightBlock, hi = std::min(n, lo + kInt8WeightBlock);
-        for (int64_t i = 0; i < m; i += kInt8RowTile) {
-          const int64_t rows = std::min(kInt8RowTile, m - i);
-          for (int64_t row = lo; row < hi; ++row) {
-            for (int64_t g = 0; g < groups; ++g) sg[g] = static_cast<float>(sp[row * groups + g]);
-            dot_q16_dispatch<kInt8RowTile>(rows, xq.data() + i * k, xd.data() + i * k / 32, k, qp + row * k, sg.data(),
-                                           group, acc);
-            for (int64_t j = 0; j < rows; ++j) op[(i + j) * n + row] = bf16(acc[j]);
-          }
-        }
-      }
-    });
-    return out;
   }
 #endif
   at::parallel_for(0, (n + kInt8WeightBlock - 1) / kInt8WeightBlock, 1, [&](int64_t begin, int64_t end) {
@@ -588,7 +573,13 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
         const int64_t rows = std::min(kInt8RowTile, m - i);
         for (int64_t row = lo; row < hi; ++row) {
           for (int64_t g = 0; g < groups; ++g) sg[g] = static_cast<float>(sp[row * groups + g]);
-          dot_int8_dispatch<kInt8RowTile>(rows, xf.data() + i * k, k, qp + row * k, sg.data(), group, acc);
+#if !OFFRAMP_DP && OFFRAMP_AVX2
+          if (int16_act)
+            dot_q16_dispatch<kInt8RowTile>(rows, xq.data() + i * k, xd.data() + i * k / 32, k, qp + row * k, sg.data(),
+                                           group, acc);
+          else
+#endif
+            dot_int8_dispatch<kInt8RowTile>(rows, xf.data() + i * k, k, qp + row * k, sg.data(), group, acc);
           for (int64_t j = 0; j < rows; ++j) op[(i + j) * n + row] = bf16(acc[j]);
         }
       }
