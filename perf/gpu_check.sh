@@ -12,7 +12,7 @@
 # where its 98 MB GGUF cannot travel) a random-weight checkpoint of the default model's shapes, built
 # from .gpu/default_shapes/ (config and tokenizer; `perf/gpu_prepare.sh` makes it here). Throughput
 # depends on the shapes only; the default-model parity test is then deselected and says so.
-# Usage: perf/gpu_check.sh [OUT_DIR]        (about 6 minutes on an H200)
+# Usage: perf/gpu_check.sh [OUT_DIR]        (about 7 minutes on an H200)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
