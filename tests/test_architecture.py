@@ -72,7 +72,7 @@ def _node(module: str) -> str | None:
         return parts[0]
     if parts[0] != "offramp" or len(parts) < 2:
         return None
-    return "offramp.config" if parts[1] in ("config", "config_layout") else f"offramp.{parts[1]}"
+    return "offramp.config" if parts[1] in ("config", "config_checks", "config_layout") else f"offramp.{parts[1]}"
 
 
 def _modules():

@@ -10,7 +10,7 @@ import logging
 import re
 from dataclasses import dataclass, field, fields
 
-from offramp import config_layout
+from offramp import config_checks, config_layout
 from offramp.config_layout import MIN_EXIT_FRACTION
 
 DTYPES = ("float32", "bfloat16")
@@ -201,168 +201,12 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError("model: must be 'default' or a path to a checkpoint directory or GGUF file")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.device is not None and (not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device)):
-            raise ValueError(f"device: {self.device!r} is not cpu, cuda or cuda:N")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        self._check_weights()
-        self._check_placement()
-        if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
-            raise ValueError(f"batch_invariant: must be true, false or null (auto), got {self.batch_invariant!r}")
-        if self.backend != "torch" and self.dtype != "float32":
-            raise ValueError(f"dtype: the {self.backend} backend runs the float32 export; use dtype float32")
-        if self.trt_precision not in TRT_PRECISIONS:
-            raise ValueError(f"trt_precision: {self.trt_precision!r} is not one of {', '.join(TRT_PRECISIONS)}")
-        if self.export_dir is not None and (not isinstance(self.export_dir, str) or not self.export_dir):
-            raise ValueError("export_dir: must be a directory path")
-        _positive("layers_per_block", self.layers_per_block)
-        _positive("page_size", self.page_size)
-        _positive("kv_budget_bytes", self.kv_budget_bytes)
-        _positive("max_num_seqs", self.max_num_seqs)
-        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
-        _positive("max_tokens_limit", self.max_tokens_limit)
-        if self.num_pages is not None:
-            _positive("num_pages", self.num_pages)
-        fraction = self.kv_budget_fraction
-        if fraction is not None and (
-            isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1
-        ):
-            raise ValueError(f"kv_budget_fraction: must be a number in (0, 1), got {fraction!r}")
-        if self.max_model_len is not None:
-            _positive("max_model_len", self.max_model_len)
-        if self.num_threads is not None:
-            _positive("num_threads", self.num_threads)
-        if self.exit_policy not in EXIT_POLICIES:
-            raise ValueError(f"exit_policy: {self.exit_policy!r} is not one of {', '.join(EXIT_POLICIES)}")
-        if self.exit_gate not in (None, *EXIT_GATES):
-            raise ValueError(f"exit_gate: {self.exit_gate!r} is not one of {', '.join(EXIT_GATES)}")
-        if isinstance(self.exit_gate_threshold, bool) or not isinstance(self.exit_gate_threshold, (int, float)):
-            raise ValueError(f"exit_gate_threshold: must be a number, got {self.exit_gate_threshold!r}")
-        if self.kv_fill not in KV_FILLS:
-            raise ValueError(f"kv_fill: {self.kv_fill!r} is not one of {', '.join(KV_FILLS)}")
-        if isinstance(self.exit_threshold, bool) or not isinstance(self.exit_threshold, (int, float)):
-            raise ValueError(f"exit_threshold: must be a number, got {self.exit_threshold!r}")
-        if self.min_exit_layer is not None:
-            _positive("min_exit_layer", self.min_exit_layer)
-        _positive("max_sessions", self.max_sessions)
-        if not isinstance(self.enable_prefix_sharing, bool):
-            raise ValueError(f"enable_prefix_sharing: must be true or false, got {self.enable_prefix_sharing!r}")
-        timeout = self.session_idle_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"session_idle_timeout_s: must be a positive number of seconds, got {timeout!r}")
-        if self.exit_points is not None:
-            points = tuple(self.exit_points)
-            if not points or any(isinstance(p, bool) or not isinstance(p, int) or p <= 0 for p in points):
-                raise ValueError("exit_points: must be positive layer depths, e.g. (10, 20)")
-            self.exit_points = tuple(sorted(set(points)))
-        if self.block_boundaries is not None:
-            bounds = tuple(self.block_boundaries)
-            if not bounds or bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):
-                raise ValueError("block_boundaries: must start at 0 and be strictly increasing, e.g. (0, 10, 20)")
-            self.block_boundaries = bounds
-        self._check_spec()
-        self._check_sparsity()
-
-    def _check_sparsity(self) -> None:
-        _fraction("sparsity", self.sparsity)
-        _fraction("head_density", self.head_density)
-        floor = self.sparsity_floor
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
-            raise ValueError(f"sparsity_floor: must be a number in [0, 1], got {floor!r}")
-        if self.sparsity_batching not in SPARSITY_BATCHING:
-            raise ValueError(
-                f"sparsity_batching: {self.sparsity_batching!r} is not one of {', '.join(SPARSITY_BATCHING)}"
-            )
-        if self.sparsity_group_size is not None:
-            _positive("sparsity_group_size", self.sparsity_group_size)
-        gap = self.sparsity_max_gap
-        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
-            raise ValueError(f"sparsity_max_gap: must be an integer >= 0, got {gap!r}")
-        if self.sparsity_predictor is not None and (
-            not isinstance(self.sparsity_predictor, str) or not self.sparsity_predictor
-        ):
-            raise ValueError("sparsity_predictor: must be a file path")
-        if (self.sparsity < 1 or self.head_density < 1) and self.sparsity_predictor is None:
-            raise ValueError(
-                "sparsity: below 1 needs a predictor (--sparsity-predictor, from offramp calibrate --sparsity)"
-            )
-        if self.sparsity_predictor is not None and (self.backend != "torch" or self.weights in ("int8", "int4")):
-            raise ValueError(
-                "sparsity_predictor: sparse decode runs in the torch backend on float weights "
-                "(--weights none or bf16), not int8/int4 or exported backends"
-            )
-        if self.sparsity_predictor is not None and (self.pipeline_stages > 1 or len(self.devices or ()) > 1):
-            raise ValueError(
-                "sparsity_predictor: sparse decode runs the blocks in one process on one device, "
-                f"not over pipeline stages ({self.pipeline_stages}) or devices ({','.join(self.devices or ())})"
-            )
-
-    def _check_placement(self) -> None:
-        _positive("pipeline_stages", self.pipeline_stages)
-        if self.micro_batches is not None:
-            _positive("micro_batches", self.micro_batches)
-        timeout = self.stage_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"stage_timeout_s: must be a positive number of seconds, got {timeout!r}")
-        if self.devices is not None:
-            devices = tuple(self.devices)
-            if not devices or any(not isinstance(d, str) or not DEVICE_PATTERN.match(d) for d in devices):
-                raise ValueError(
-                    f"devices: {','.join(map(str, devices)) or '(none)'} is not a list of cpu, cuda, cuda:N"
-                )
-            self.devices = devices
-            if self.device is not None and self.device != devices[0]:
-                raise ValueError(f"device: {self.device} differs from the first of --devices ({devices[0]}); give one")
-            if self.pipeline_stages > 1 and len(devices) != self.pipeline_stages:
-                raise ValueError(
-                    f"devices: {len(devices)} devices for {self.pipeline_stages} pipeline stages; give one per stage"
-                )
-        if self.is_placed and self.backend != "torch":
-            raise ValueError(f"backend: {self.backend} does not run split over devices or stages yet; use torch")
+        config_checks.check(self)
 
     @property
     def is_placed(self) -> bool:
         """Blocks split over several devices (``devices``) or processes (``pipeline_stages``)."""
         return self.pipeline_stages > 1 or (self.devices is not None and len(self.devices) > 1)
-
-    def _check_spec(self) -> None:
-        if self.spec not in SPEC_SOURCES:
-            raise ValueError(f"spec: {self.spec!r} is not one of {', '.join(SPEC_SOURCES)}")
-        _positive("spec_max_draft", self.spec_max_draft)
-        _positive("spec_retry_steps", self.spec_retry_steps)
-        _positive("spec_group_size", self.spec_group_size)
-        if self.spec_exit_depth is not None:
-            _positive("spec_exit_depth", self.spec_exit_depth)
-        threshold = self.spec_draft_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
-            raise ValueError(f"spec_draft_threshold: must be a probability in [0, 1), got {threshold!r}")
-        cost = self.spec_verify_row_cost
-        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost <= 1):
-            raise ValueError(f"spec_verify_row_cost: must be a number in [0, 1], got {cost!r}")
-        if not isinstance(self.spec_adaptive, bool):
-            raise ValueError(f"spec_adaptive: must be true or false, got {self.spec_adaptive!r}")
-
-    def _check_weights(self) -> None:
-        if self.weights not in WEIGHTS:
-            raise ValueError(f"weights: {self.weights!r} is not one of {', '.join(WEIGHTS)}")
-        if self.int16_activations not in (None, True, False):
-            raise ValueError(f"int16_activations: must be true or false, got {self.int16_activations!r}")
-        if self.int16_activations and self.weights not in ("int4", "int8"):
-            raise ValueError(f"int16_activations: only int4/int8 weights take them, not weights {self.weights}")
-        if self.weight_group_size not in WEIGHT_GROUP_SIZES:
-            sizes = ", ".join(map(str, WEIGHT_GROUP_SIZES))
-            raise ValueError(f"weight_group_size: {self.weight_group_size!r} is not one of {sizes}")
-        if self.weights == "none":
-            return
-        if self.backend != "torch":
-            raise ValueError(f"weights: {self.weights} runs in the torch backend only so far; use --backend torch")
-        if self.dtype != "bfloat16":
-            why = "" if self.weights == "bf16" else " (x86 has no vectorised float32 kernel for it: ~10-100x slower)"
-            raise ValueError(f"weights: {self.weights} computes with bfloat16 activations{why}; use --dtype bfloat16")
 
     @property
     def rows_invariant(self) -> bool:
@@ -402,14 +246,3 @@ def config_from_dict(raw: dict, where: str) -> EngineConfig:
         if isinstance(raw.get(key), list):
             raw[key] = tuple(raw[key])
     return EngineConfig(**raw)
-
-
-def _fraction(name: str, value: object) -> None:
-    """A density: a number in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name}: must be a number in (0, 1], got {value!r}")
-
-
-def _positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")

@@ -1,7 +1,7 @@
 """Where the blocks fall and where tokens may leave, from an ``EngineConfig`` and a model's depth.
 
 Part of the configuration layer (``offramp.config`` delegates its ``block_ranges``, ``exit_depths`` and
-``min_exit_depth`` here): the option definitions and their checks stay in ``config.py``.
+``min_exit_depth`` here; the checks live in ``config_checks``): the option definitions stay in ``config.py``.
 """
 
 from __future__ import annotations
