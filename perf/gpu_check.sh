@@ -3,7 +3,7 @@
 # against eager steps, parity on CUDA, bfloat16 agreement, exits identical across cpu and cuda, host syncs
 # per step, --devices cuda:0,cpu, int8/int4 on CUDA), `offramp bench` at concurrency 1 and 16 (float32,
 # bfloat16, int4; bfloat16 with and without CUDA graphs) and 64 (bfloat16, int4), int8 at 16, and
-# perf/gpu_step_profile.py (host vs kernel time per step, graphs on and off) and perf/gpu_attention.py
+# perf/gpu/step_profile.py (host vs kernel time per step, graphs on and off) and perf/gpu/attention.py
 # (prompt-chunk attention per SDPA kernel); appends the JSON lines to OUT_DIR/gpu.jsonl and
 # OUT_DIR/gpu_profile.jsonl, writes OUT_DIR/gpu_attention.jsonl and OUT_DIR/gpu.png, prints a summary.
 # Nothing is downloaded: the image's torch is used as it is and the project runs from this checkout
@@ -61,7 +61,7 @@ timeout 240 $PY -m pytest -q -p no:cacheprovider -s "${MARKS[@]}" tests/test_cud
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 # Prompt-chunk attention: the kernel SDPA picks per dtype, and a new shape's first call (bfloat16 TTFT)
-timeout 60 $PY perf/gpu_attention.py 2>>"$OUT/gpu_bench.log" >"$OUT/gpu_attention.jsonl" || status=1
+timeout 60 $PY perf/gpu/attention.py 2>>"$OUT/gpu_bench.log" >"$OUT/gpu_attention.jsonl" || status=1
 
 bench() {  # dtype weights concurrency [more flags]
   local args=(--model "$MODEL" --device cuda --dtype "$1" --concurrency "$3" --num-requests $(( $3 > 8 ? $3 * 2 : 8 ))
@@ -78,13 +78,13 @@ for c in 1 16; do
 done
 # Host or kernels: wall time per decode step against the GPU's busy time (bfloat16, c1/16/64)
 for graphs in --cuda-graphs --no-cuda-graphs; do
-  timeout 90 $PY perf/gpu_step_profile.py --model "$MODEL" --device cuda --dtype bfloat16 --concurrency 1 16 64 \
+  timeout 90 $PY perf/gpu/step_profile.py --model "$MODEL" --device cuda --dtype bfloat16 --concurrency 1 16 64 \
     $graphs 2>>"$OUT/gpu_bench.log" | tee -a "$OUT/gpu_profile.jsonl" || status=1
 done
 bench bfloat16 none 64 || status=1
 bench bfloat16 int4 64 || status=1
 bench bfloat16 int8 16 || status=1  # int8: the upcast product on CUDA
-$PY perf/gpu_plot.py "$OUT/gpu.jsonl" || status=1
+$PY perf/gpu/plot.py "$OUT/gpu.jsonl" || status=1
 $PY - "$OUT/gpu.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]

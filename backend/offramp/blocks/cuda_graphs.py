@@ -2,7 +2,7 @@
 
 An eager decode step launches about 1,100 kernels (30 layers of the default model, ~36 each) and on a
 GPU the host cannot issue them as fast as the GPU runs them: measured on an H200, 20-35 ms of wall
-time per step for 2 ms of kernel time (``perf/gpu_step_profile.py``). Here the step's embedding and
+time per step for 2 ms of kernel time (``perf/gpu/step_profile.py``). Here the step's embedding and
 every block are captured once per bucket of (batch rows, pages per sequence) and replayed: one launch.
 
 A bucket's graph reads fixed device buffers. Each step writes its rows into them with one host-to-device

@@ -8,7 +8,7 @@ the default model's 9 query and 3 KV heads of 64) for several new lengths, per d
 allowed (torch's own choice, then each one alone): the first call's time and the median of the next ten.
 One JSON line per (dtype, backend, length).
 
-Usage: python perf/gpu_attention.py [--lengths 17 33 57 91 130]
+Usage: python perf/gpu/attention.py [--lengths 17 33 57 91 130]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Draw ``docs/bench/gpu.jsonl`` (``perf/gpu_check.sh``'s bench lines): tokens/s per format and
 concurrency, each step eager against CUDA graph replays. Writes ``gpu.png`` next to the JSONL.
 
-Usage: python perf/gpu_plot.py [docs/bench/gpu.jsonl]
+Usage: python perf/gpu/plot.py [docs/bench/gpu.jsonl]
 """
 
 from __future__ import annotations

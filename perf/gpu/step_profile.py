@@ -7,7 +7,7 @@ time per step, the GPU's busy time per step (the sum of kernel durations) and ke
 a wall time far above the busy time says the step is bound by the host, which CUDA graphs (one replay
 per step instead of hundreds of launches) removes. One JSON line per concurrency.
 
-Usage: python perf/gpu_step_profile.py --model PATH [--dtype bfloat16] [--concurrency 1 16] [--steps 20]
+Usage: python perf/gpu/step_profile.py --model PATH [--dtype bfloat16] [--concurrency 1 16] [--steps 20]
        [--no-cuda-graphs]
 """
 
