@@ -77,10 +77,7 @@ class LLMEngine:
             self.checkpoint, self.dtype, config.weights, config.weight_group_size, gguf
         )
         self.weights = to_device(weights, self.device)
-        if config.weights in ("int8", "int4") and self.device.type == "cpu":
-            fused.kernels()  # the int8/int4 products (any step, fused or not); eager torch/upcast without them
-        if fused.int16_activations_for(config.int16_activations, config.weights, self.device):
-            fused.use_int16_activations(self.weights, int4=not config.rows_invariant)
+        fused.prepare_products(self.weights, config, self.device)  # int8/int4 kernels, int16 activations
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.eos_ids = eos_token_ids(self.checkpoint, self.tokenizer)
         shape = self.weights.shape

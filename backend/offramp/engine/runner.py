@@ -64,8 +64,8 @@ class ModelRunner:
             self.head,
             self.sparse,
         )
-        scratch = backend.kv.scratch_page
-        if config.cuda_graphs and scratch is not None and self.sparse is None and weights.embed.is_cuda:
+        scratch = backend.kv.scratch_page  # there only where the engine wants graphs (cuda_graphs, one GPU)
+        if scratch is not None and self.sparse is None:
             self.loop.graphs = DecodeGraphs(backend, self.cos, self.sin, pages.page_size, max_model_len, scratch)
 
     def _sparse_executor(self) -> SparseExecutor | None:

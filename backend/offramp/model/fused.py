@@ -28,6 +28,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from offramp.config import EngineConfig
 from offramp.model import quant
 from offramp.model.attention import AttentionGroup, AttentionMetadata
 from offramp.model.decoder import LayerWeights, ModelShape, ModelWeights
@@ -78,6 +79,16 @@ def int16_activations_for(wanted: bool | None, weights: str, device: torch.devic
         why = unavailable_reason() or "this CPU runs the AVX-512 bfloat16 kernels or none"
         raise ValueError(f"int16_activations: they are the extension's AVX2 kernels, which do not run here ({why})")
     return here if wanted is None else wanted
+
+
+def prepare_products(weights: ModelWeights, config: EngineConfig, device: torch.device) -> None:
+    """What an engine (or a pipeline stage) does once its weights are loaded on ``device``: int8/int4 on the
+    CPU build the extension's products (eager torch/upcast without them), and take int16 activations where
+    ``config`` asks for them (by default wherever the AVX2 kernels run)."""
+    if config.weights in ("int8", "int4") and device.type == "cpu":
+        kernels()
+    if int16_activations_for(config.int16_activations, config.weights, device):
+        use_int16_activations(weights, int4=not config.rows_invariant)
 
 
 def use_int16_activations(weights: ModelWeights, int4: bool = True) -> None:

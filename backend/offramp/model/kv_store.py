@@ -54,7 +54,7 @@ class KVStore:
         self.dtype = dtype
         # one more page that no sequence owns, for the padding rows of CUDA graph steps to write to
         self.scratch_page = num_pages if scratch_page else None
-        num_slots = (num_pages + scratch_page) * page_size
+        num_slots = (num_pages + (1 if scratch_page else 0)) * page_size
         devices = devices or [torch.device("cpu")] * shape.num_layers
         self.head_major = head_major
         dims = (

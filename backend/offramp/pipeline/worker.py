@@ -70,10 +70,7 @@ def _load(setup: tuple) -> tuple[LocalStage, dict]:
     owned = range(*spec.layers)
     layers = [to_device(w, device) if i in owned else None for i, w in enumerate(weights.layers)]
     weights = dataclasses.replace(weights, layers=layers, embed=torch.empty(0), lm_head=torch.empty(0))
-    if config.weights in ("int8", "int4") and device.type == "cpu":
-        fused.kernels()  # as the engine does: the int8/int4 products (with int16 activations where they run)
-    if fused.int16_activations_for(config.int16_activations, config.weights, device):
-        fused.use_int16_activations(weights, int4=not config.rows_invariant)
+    fused.prepare_products(weights, config, device)  # as the engine does
     budget = config.kv_budget_bytes
     if config.kv_budget_fraction is not None and device.type == "cuda":
         budget = int(torch.cuda.mem_get_info(device)[0] * config.kv_budget_fraction)
