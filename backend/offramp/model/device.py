@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import torch
 
@@ -62,6 +63,8 @@ def cpu_vector_isa() -> str:
                     break
     except OSError:
         return "other"
+    if os.environ.get("OFFRAMP_KERNELS_ISA") == "avx2" and {"avx2", "fma"} <= flags:
+        return "avx2"  # the kernels built for AVX2 on a wider CPU (model/fused.py)
     if {"avx512f", "avx512_bf16"} <= flags:
         return "avx512_bf16"
     if "avx512f" in flags:

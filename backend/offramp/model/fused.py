@@ -41,6 +41,13 @@ _lock = threading.Lock()
 _state: dict[str, ModuleType | str] = {}
 
 
+# OFFRAMP_KERNELS_ISA=avx2 builds the AVX2 kernels on an AVX-512 machine (a second extension beside the
+# native one): with ATEN_CPU_CAPABILITY=avx2 (torch's AVX2 int4 packing) a process then runs as an AVX2
+# CPU would, so the AVX2 paths are tested and timed on any x86 machine (tests/test_kernels_avx2.py).
+ISA_ENV = "OFFRAMP_KERNELS_ISA"
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}  # -mno-avx512f turns off every AVX-512 subset
+
+
 def kernels() -> ModuleType | None:
     """The compiled extension (built once per machine and source), or None where it cannot be built."""
     with _lock:
@@ -123,13 +130,16 @@ def _build() -> ModuleType:
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    isa = os.environ.get(ISA_ENV, "native")
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV}={isa!r}: expected one of {', '.join(ISA_FLAGS)}")
     log.info("offramp: compiling the fused decode kernels (once per machine, about a minute)")
     return cpp_extension.load(
-        name="offramp_decode_ops",
+        name="offramp_decode_ops" + ("" if isa == "native" else f"_{isa}"),
         sources=[str(SOURCE)],
         # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds (without it, it runs serially); the
         # library resolves to the libgomp.so.1 torch has already loaded (same soname), one thread pool
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_cflags=["-O3", "-march=native", *ISA_FLAGS[isa], "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
