@@ -111,6 +111,44 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
 }
 
+#if OFFRAMP_AVX2
+// The first min(n, 8) lanes set, for masked loads and stores of a row's tail.
+inline __m256i tail_mask8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// 8 bfloat16 (bits) -> float32
+inline __m256 load_bf16x8(const void* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// float32 -> bfloat16 bits in the low half of each lane, rounded to nearest even as c10::BFloat16 does (NaN
+// to its quiet NaN)
+inline __m256i to_bf16_bits8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+}
+
+inline __m256 round_bf16x8(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(to_bf16_bits8(v), 16)); }
+
+// 8 lanes of bfloat16 bits (low halves) -> 8 packed bfloat16 stored at p
+inline void store_bf16x8(void* p, __m256i b) {
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+#endif
+
 // sc[p] = exp(sc[p] - mx) for p < n; returns their sum. Vectorised (16 lanes) with the single-precision
 // exp of Cephes (range reduction by ln 2, degree-6 polynomial, about 1 ulp); scalar std::exp elsewhere.
 inline float exp_shifted(float* sc, int64_t n, float mx) {
@@ -135,6 +173,29 @@ inline float exp_shifted(float* sc, int64_t n, float mx) {
     total = _mm512_mask_add_ps(total, mask, total, e);
   }
   return _mm512_reduce_add_ps(total);
+#elif OFFRAMP_AVX2
+  const __m256 vmx = _mm256_set1_ps(mx), log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  const float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                      5.0000001201e-1f};
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t p = 0; p < n; p += 8) {
+    const __m256i mask = tail_mask8(n - p);
+    __m256 x = _mm256_sub_ps(_mm256_maskload_ps(sc + p, mask), vmx);  // <= 0 (masked-off lanes unused)
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));  // below it exp underflows to 0 either way; 2^k stays normal
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, ln2_hi, x);
+    r = _mm256_fnmadd_ps(k, ln2_lo, r);
+    __m256 poly = _mm256_set1_ps(c[0]);
+    for (int i = 1; i < 6; ++i) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c[i]));
+    poly = _mm256_fmadd_ps(_mm256_mul_ps(poly, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    // 2^k from its exponent bits (k in -126..0)
+    const __m256 pow2k = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23));
+    const __m256 e = _mm256_and_ps(_mm256_mul_ps(poly, pow2k), _mm256_castsi256_ps(mask));
+    _mm256_maskstore_ps(sc + p, mask, e);
+    total = _mm256_add_ps(total, e);
+  }
+  return hsum8(total);
 #else
   float total = 0.f;
   for (int64_t p = 0; p < n; ++p) {
@@ -169,13 +230,44 @@ void scores_dp(const float* q, int64_t group, int64_t span, Row key, float scale
 #endif
 }
 
+// AVX2: the same with float32 FMAs over K rows widened to float32 once per position (C: head_dim / 8).
+template <int C, class Row>
+void scores_fma8(const float* q, int64_t group, int64_t span, Row key, float scale, float* score) {
+#if OFFRAMP_AVX2
+  for (int64_t i = 0; i < span; ++i) {
+    const uint16_t* k = key(i);
+    __m256 kf[C];
+    for (int c = 0; c < C; ++c) kf[c] = load_bf16x8(k + 8 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * C * 8;
+      __m256 acc0 = _mm256_mul_ps(_mm256_loadu_ps(qg), kf[0]);
+      __m256 acc1 = _mm256_mul_ps(_mm256_loadu_ps(qg + 8), kf[1]);
+      for (int c = 2; c < C; c += 2) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), kf[c], acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c + 8), kf[c + 1], acc1);
+      }
+      score[g * span + i] = hsum8(_mm256_add_ps(acc0, acc1)) * scale;
+    }
+  }
+#endif
+}
+
 template <class Row>
 bool attend_scores_fast(const float* q, int64_t group, int64_t hd, int64_t span, Row key, float scale, float* score) {
-  if (!OFFRAMP_DP || group > 8) return false;
+#if OFFRAMP_DP
+  if (group > 8) return false;
   if (hd == 64) scores_dp<2>(q, group, span, key, scale, score);
   else if (hd == 128) scores_dp<4>(q, group, span, key, scale, score);
   else return false;
   return true;
+#elif OFFRAMP_AVX2
+  if (hd == 64) scores_fma8<8>(q, group, span, key, scale, score);
+  else if (hd == 128) scores_fma8<16>(q, group, span, key, scale, score);
+  else return false;
+  return true;
+#else
+  return false;
+#endif
 }
 
 template <int C, class Row>  // C: head_dim / 16
@@ -198,6 +290,27 @@ void values_fma(const float* score, int64_t group, int64_t span, Row value, floa
 #endif
 }
 
+// AVX2: acc[g, d] += score[g, i] v_i[d], 64 columns (8 registers) at a time.
+template <class Row>
+void values_fma8(const float* score, int64_t group, int64_t hd, int64_t span, Row value, float* acc_out) {
+#if OFFRAMP_AVX2
+  for (int64_t g = 0; g < group; ++g) {
+    const float* w = score + g * span;
+    for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+      float* out = acc_out + g * hd + d0;
+      __m256 acc[8];
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(out + 8 * c);
+      for (int64_t i = 0; i < span; ++i) {
+        const uint16_t* v = value(i) + d0;
+        const __m256 wi = _mm256_set1_ps(w[i]);
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(wi, load_bf16x8(v + 8 * c), acc[c]);
+      }
+      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+    }
+  }
+#endif
+}
+
 template <class Row>
 bool attend_values_fast(const float* score, int64_t group, int64_t hd, int64_t span, Row value, float* acc) {
 #if defined(__AVX512F__)
@@ -205,13 +318,18 @@ bool attend_values_fast(const float* score, int64_t group, int64_t hd, int64_t s
   else if (hd == 128) values_fma<8>(score, group, span, value, acc);
   else return false;
   return true;
+#elif OFFRAMP_AVX2
+  if (hd % 64 != 0) return false;
+  values_fma8(score, group, hd, span, value, acc);
+  return true;
 #else
   return false;
 #endif
 }
 
 // RoPE of one head as the loop in rope_attend computes it (x * cos and roll(x) * signed sin each rounded
-// to bfloat16, their sum rounded again), 16 lanes at a time where half the head_dim is a multiple of 16.
+// to bfloat16, their sum rounded again), 16 lanes at a time where half the head_dim is a multiple of 16
+// (AVX2: 8 lanes, half the head_dim a multiple of 8).
 // Writes q as float32 (qdst) or k as bfloat16 (kdst). False where the loop must run instead.
 inline bool rope_head_fast(const bf16* x, const bf16* c, const bf16* s, int64_t hd, float* qdst, bf16* kdst) {
 #if OFFRAMP_DP
@@ -228,6 +346,17 @@ inline bool rope_head_fast(const bf16* x, const bf16* c, const bf16* s, int64_t 
     const __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(a, b));
     if (qdst) _mm512_storeu_ps(qdst + 16 * j, _mm512_cvtpbh_ps(v));
     else _mm256_storeu_si256(reinterpret_cast<__m256i*>(kdst + 16 * j), (__m256i)v);
+  }
+  return true;
+#elif OFFRAMP_AVX2
+  if (hd % 16 != 0 || hd > 512) return false;
+  const int64_t chunks = hd / 8, half = chunks / 2;  // 8 lanes a chunk
+  for (int64_t j = 0; j < chunks; ++j) {
+    const __m256 a = round_bf16x8(_mm256_mul_ps(load_bf16x8(x + 8 * j), load_bf16x8(c + 8 * j)));
+    const __m256 b = round_bf16x8(_mm256_mul_ps(load_bf16x8(x + 8 * ((j + half) % chunks)), load_bf16x8(s + 8 * j)));
+    const __m256i v = to_bf16_bits8(_mm256_add_ps(a, b));
+    if (qdst) _mm256_storeu_ps(qdst + 8 * j, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    else store_bf16x8(kdst + 8 * j, v);
   }
   return true;
 #else
@@ -1146,5 +1275,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int16_activations_available", &int16_activations_available, "whether the products take int16 activations here");
   m.def("int8_mm", &int8_mm, "group-wise int8 weight-only product (float16 scales per 32+ columns)");
   m.def("int8_mm_fast", &int8_mm_fast, "whether int8_mm has its vector kernel here");
+  m.def("rope_attend", &rope_attend, "RoPE, K/V write and paged attention of decode rows (decode_block's)");
+  m.def("add_rms_norm", &add_rms_norm, "residual add and RMSNorm (decode_block's)");
   m.def("decode_block", &decode_block, "the layers of one block for rows rope_attend takes");
 }
