@@ -128,3 +128,26 @@ def test_errors_are_one_line(argv, message, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("offramp: error:") and message in err
     assert "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "dtype"),
+    [
+        ([], "float32"),
+        (["--weights", "int4"], "bfloat16"),
+        (["--weights", "bf16"], "bfloat16"),
+        (["--dtype", "bfloat16"], "bfloat16"),
+    ],
+)
+def test_dtype_left_unset_follows_the_weights(flags, dtype):
+    """`offramp bench --weights int4` computes in bfloat16 (the only activations int4 takes) without --dtype."""
+    from offramp.cli.args import engine_config
+    from offramp.cli.main import build_parser
+
+    assert engine_config(build_parser().parse_args(["bench", *flags])).dtype == dtype
+
+
+def test_float32_with_quantized_weights_is_one_error_line(capsys):
+    assert main(["generate", "--prompt", "x", "--weights", "int4", "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("offramp: error: weights: int4 computes with bfloat16 activations") and "\n" not in err

@@ -46,7 +46,10 @@ class EngineConfig:
 
     model: str = option("default", "'default' (SmolLM2-135M-Instruct), a checkpoint directory or a .gguf file")
     dtype: str = option(
-        "float32", "weights and activations: float32 (the exactness reference) or bfloat16", choices=DTYPES
+        "float32",
+        "weights and activations: float32 (the exactness reference) or bfloat16 (the command line's default with "
+        "--weights bf16/int8/int4)",
+        choices=DTYPES,
     )
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     devices: tuple[str, ...] | None = option(
@@ -71,7 +74,8 @@ class EngineConfig:
     weights: str = option(
         "none",
         "decoder linears and LM head: none (the dtype's own), bf16, int8 (per channel) or int4 (group-wise, "
-        "LM head int8); bf16/int8/int4 need --dtype bfloat16 (the embedding lookup stays exact)",
+        "LM head int8); bf16/int8/int4 compute in bfloat16 (--dtype float32 is refused; the embedding lookup stays "
+        "exact)",
         choices=WEIGHTS,
     )
     weight_group_size: int = option(

@@ -118,10 +118,14 @@ def config_values(args: argparse.Namespace, cls: type, *, skip_unset: bool = Fal
 
 def engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     add_config_flags(parser, EngineConfig, skip=skip)
+    parser.set_defaults(dtype=None)  # unset: follows --weights (engine_config)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**config_values(args, EngineConfig))
+    values = config_values(args, EngineConfig)
+    if values.get("dtype") is None:  # bf16/int8/int4 weights compute in bfloat16 (the only activations they take)
+        values["dtype"] = "float32" if values.get("weights", "none") == "none" else "bfloat16"
+    return EngineConfig(**values)
 
 
 def absolute_paths(values: dict, keys=("export_dir", "exit_head", "exit_classifier", "sparsity_predictor")) -> dict:
