@@ -56,62 +56,8 @@ inline float bits_to_f(uint16_t b) {
   return f;
 }
 
-void check_bf16(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), name,
-              ": expected a contiguous bfloat16 CPU tensor");
-}
-
-// out = w * bf16(x * rsqrt(mean(x^2) + eps)), as decoder.rms_norm computes it for bfloat16 x.
-void norm_row(const bf16* x, const bf16* w, bf16* out, int64_t n, float eps) {
-  float ss = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    float v = to_f(x[i]);
-    ss += v * v;
-  }
-  float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = bf16(to_f(w[i]) * round_bf16(to_f(x[i]) * inv));
-}
-
-}  // namespace
-
-// x: [n, hidden] bfloat16 -> rms_norm(x) [n, hidden]
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_bf16(x, "x");
-  check_bf16(weight, "weight");
-  auto out = at::empty_like(x);
-  const int64_t n = x.size(0), h = x.size(1);
-  const bf16* xp = x.data_ptr<bf16>();
-  const bf16* wp = weight.data_ptr<bf16>();
-  bf16* op = out.data_ptr<bf16>();
-  for (int64_t r = 0; r < n; ++r) norm_row(xp + r * h, wp, op + r * h, h, static_cast<float>(eps));
-  return out;
-}
-
-// s = x + y (rounded to bfloat16, as the eager residual add), and rms_norm(s): two [n, hidden] tensors
-std::vector<at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight, double eps) {
-  check_bf16(x, "x");
-  check_bf16(y, "y");
-  check_bf16(weight, "weight");
-  TORCH_CHECK(x.sizes() == y.sizes(), "x and y differ in shape");
-  auto sum = at::empty_like(x);
-  auto out = at::empty_like(x);
-  const int64_t n = x.size(0), h = x.size(1);
-  const bf16 *xp = x.data_ptr<bf16>(), *yp = y.data_ptr<bf16>(), *wp = weight.data_ptr<bf16>();
-  bf16 *sp = sum.data_ptr<bf16>(), *op = out.data_ptr<bf16>();
-  for (int64_t i = 0; i < n * h; ++i) sp[i] = bf16(to_f(xp[i]) + to_f(yp[i]));
-  for (int64_t r = 0; r < n; ++r) norm_row(sp + r * h, wp, op + r * h, h, static_cast<float>(eps));
-  return {sum, out};
-}
-
-// gate_up: [n, 2 * inter] (gate then up) -> silu(gate) * up: [n, inter], with ATen's own kernels (the
-// eager ops, vectorised; one call from here instead of three from Python)
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-  check_bf16(gate_up, "gate_up");
-  const int64_t inter = gate_up.size(1) / 2;
-  return at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
-}
-
-#if OFFRAMP_AVX2
+#if defined(__AVX2__) && defined(__FMA__)
+// 8-lane helpers (the AVX2 kernels; the norms in every x86 build)
 // The first min(n, 8) lanes set, for masked loads and stores of a row's tail.
 inline __m256i tail_mask8(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
@@ -148,6 +94,79 @@ inline void store_bf16x8(void* p, __m256i b) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 #endif
+
+void check_bf16(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), name,
+              ": expected a contiguous bfloat16 CPU tensor");
+}
+
+// out = w * bf16(x * rsqrt(mean(x^2) + eps)), as decoder.rms_norm computes it for bfloat16 x.
+void norm_row(const bf16* x, const bf16* w, bf16* out, int64_t n, float eps) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n % 8 == 0) {  // 8 lanes, the same roundings
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256 v = load_bf16x8(x + i);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(hsum8(acc) / static_cast<float>(n) + eps));
+    for (int64_t i = 0; i < n; i += 8)
+      store_bf16x8(out + i, to_bf16_bits8(_mm256_mul_ps(load_bf16x8(w + i), round_bf16x8(_mm256_mul_ps(load_bf16x8(x + i), inv)))));
+    return;
+  }
+#endif
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = to_f(x[i]);
+    ss += v * v;
+  }
+  float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16(to_f(w[i]) * round_bf16(to_f(x[i]) * inv));
+}
+
+}  // namespace
+
+// x: [n, hidden] bfloat16 -> rms_norm(x) [n, hidden]
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_bf16(x, "x");
+  check_bf16(weight, "weight");
+  auto out = at::empty_like(x);
+  const int64_t n = x.size(0), h = x.size(1);
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = weight.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  for (int64_t r = 0; r < n; ++r) norm_row(xp + r * h, wp, op + r * h, h, static_cast<float>(eps));
+  return out;
+}
+
+// s = x + y (rounded to bfloat16, as the eager residual add), and rms_norm(s): two [n, hidden] tensors
+std::vector<at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight, double eps) {
+  check_bf16(x, "x");
+  check_bf16(y, "y");
+  check_bf16(weight, "weight");
+  TORCH_CHECK(x.sizes() == y.sizes(), "x and y differ in shape");
+  auto sum = at::empty_like(x);
+  auto out = at::empty_like(x);
+  const int64_t n = x.size(0), h = x.size(1);
+  const bf16 *xp = x.data_ptr<bf16>(), *yp = y.data_ptr<bf16>(), *wp = weight.data_ptr<bf16>();
+  bf16 *sp = sum.data_ptr<bf16>(), *op = out.data_ptr<bf16>();
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; i + 8 <= n * h; i += 8) store_bf16x8(sp + i, to_bf16_bits8(_mm256_add_ps(load_bf16x8(xp + i), load_bf16x8(yp + i))));
+#endif
+  for (; i < n * h; ++i) sp[i] = bf16(to_f(xp[i]) + to_f(yp[i]));
+  for (int64_t r = 0; r < n; ++r) norm_row(sp + r * h, wp, op + r * h, h, static_cast<float>(eps));
+  return {sum, out};
+}
+
+// gate_up: [n, 2 * inter] (gate then up) -> silu(gate) * up: [n, inter], with ATen's own kernels (the
+// eager ops, vectorised; one call from here instead of three from Python)
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_bf16(gate_up, "gate_up");
+  const int64_t inter = gate_up.size(1) / 2;
+  return at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
+}
+
 
 // sc[p] = exp(sc[p] - mx) for p < n; returns their sum. Vectorised (16 lanes) with the single-precision
 // exp of Cephes (range reduction by ln 2, degree-6 polynomial, about 1 ulp); scalar std::exp elsewhere.
