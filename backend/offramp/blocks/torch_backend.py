@@ -34,16 +34,45 @@ class TorchBackend(BlockBackend):
         wants = fused and kv.dtype == torch.bfloat16 and on_cpu and not kv.head_major
         self.fused = fused_ops.kernels() if wants else None
         self._runs: tuple[AttentionMetadata | None, list] = (None, [])
+        self._spans: dict[tuple[int, int], tuple[list[torch.Tensor], list[int]]] = {}  # run_blocks' packed weights
         if self.fused is not None:  # each block's weights as the extension reads them, gathered once
             self._packed = [fused_ops.pack_layers(weights.layers[a:b]) for a, b in block_ranges]
+
+    def run_blocks(self, first: int, last: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Several blocks whose rows all take the fused path (a full-depth decode step, a draft pass) run in
+        one call of the extension: the same layers and roundings as block by block, without a return to
+        Python between blocks."""
+        if last - first > 1 and self.fused is not None and fused_ops.can_fuse_some(hidden, meta, self.max_rows):
+            runs = self._step_runs(meta)
+            if len(runs) == 1 and runs[0][3] is not None:
+                start, end = self.block_ranges[first][0], self.block_ranges[last - 1][1]
+                if (first, last) not in self._spans:
+                    parts = self._packed[first:last]
+                    self._spans[(first, last)] = ([t for p in parts for t in p[0]], [i for p in parts for i in p[1]])
+                w = self.weights
+                return fused_ops.decode_layers(
+                    self.fused,
+                    w.layers[start:end],
+                    hidden,
+                    meta,
+                    self.kv.k[start:end],
+                    self.kv.v[start:end],
+                    w.shape,
+                    runs[0][3],
+                    self._spans[(first, last)],
+                )
+        return super().run_blocks(first, last, hidden, meta)
+
+    def _step_runs(self, meta: AttentionMetadata) -> list:
+        if self._runs[0] is not meta:  # every block of a step shares its runs and the rows' page tables
+            runs = fused_ops.split_step(meta, self.max_rows)
+            self._runs = (meta, [(lo, hi, sub, fused_ops.row_pages(sub) if ok else None) for lo, hi, sub, ok in runs])
+        return self._runs[1]
 
     def run_block(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.fused is None or not fused_ops.can_fuse_some(hidden, meta, self.max_rows):
             return self._eager(block_idx, hidden, meta)
-        if self._runs[0] is not meta:  # every block of a step shares its runs and the rows' page tables
-            runs = fused_ops.split_step(meta, self.max_rows)
-            self._runs = (meta, [(lo, hi, sub, fused_ops.row_pages(sub) if ok else None) for lo, hi, sub, ok in runs])
-        runs = self._runs[1]
+        runs = self._step_runs(meta)
         if len(runs) == 1:
             return self._fused(block_idx, hidden, meta, runs[0][3])
         # a mixed step: decode/verification rows fused, prompt chunks eager, each run with its own metadata
