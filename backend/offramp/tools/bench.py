@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from importlib import resources
@@ -234,6 +235,8 @@ def bench(
         "ignore_eos": ignore_eos,
         "num_threads": torch.get_num_threads(),
         "cpu_vector": cpu_vector_isa(),  # the CPU's, whatever the engine's device
+        # the kernels built for a narrower CPU than this one (OFFRAMP_KERNELS_ISA; model/fused.py), if so
+        **({"kernels_isa": os.environ["OFFRAMP_KERNELS_ISA"]} if os.environ.get("OFFRAMP_KERNELS_ISA") else {}),
         "exit_policy": cfg.exit_policy,
         "exit_threshold": cfg.exit_threshold if cfg.exit_policy != "none" else None,
         "min_exit_layer": cfg.min_exit_depth(engine.num_layers),

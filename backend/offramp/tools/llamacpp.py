@@ -117,6 +117,7 @@ def _run(spec: dict) -> dict:
         "llamacpp_num_output_tokens": num_tokens,
         "llamacpp_wall_s": round(wall, 3),
         "llamacpp_version": llama_cpp.__version__,
+        "llamacpp_system": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),  # its SIMD build
     }
 
 

@@ -648,7 +648,17 @@ void dot_int8_dispatch(int64_t rows, const float* x, int64_t k, const int8_t* w,
   dot_int8<R>(x, k, w, s, group, out);
 }
 
-constexpr int64_t kInt8RowTile = 16, kInt8WeightBlock = 64;
+constexpr int64_t kInt8RowTile = 16, kInt8WeightBlock = 64, kInt8Ahead = 16;
+
+// float16 scales -> float32 (F16C, 8 at a time, where the CPU has it)
+inline void scales_to_float(const at::Half* src, int64_t n, float* dst) {
+  int64_t g = 0;
+#if defined(__F16C__)
+  for (; g + 8 <= n; g += 8)
+    _mm256_storeu_ps(dst + g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + g))));
+#endif
+  for (; g < n; ++g) dst[g] = static_cast<float>(src[g]);
+}
 
 // y = x @ (q * scale).T for x [m, K] bfloat16 (any m), int8 weights q [N, K] and float16 scales [N, K / g]
 // per group of g input columns (g a multiple of 32: GGUF's Q8_0 layout). Blocks of 64 weight rows (kept in
@@ -720,7 +730,13 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
       for (int64_t i = 0; i < m; i += kInt8RowTile) {
         const int64_t rows = std::min(kInt8RowTile, m - i);
         for (int64_t row = lo; row < hi; ++row) {
-          for (int64_t g = 0; g < groups; ++g) sg[g] = static_cast<float>(sp[row * groups + g]);
+          if (i == 0 && row + kInt8Ahead < end * kInt8WeightBlock && row + kInt8Ahead < n) {
+            // the row kInt8Ahead rows on: the stream runs ahead of the products (2x the bandwidth of the
+            // hardware prefetchers alone on the LM head, which leaves every cache between steps)
+            const char* ahead = reinterpret_cast<const char*>(qp + (row + kInt8Ahead) * k);
+            for (int64_t off = 0; off < k; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+          }
+          scales_to_float(sp + row * groups, groups, sg.data());
 #if !OFFRAMP_DP && OFFRAMP_AVX2
           if (int16_act)
             dot_q16_dispatch<kInt8RowTile>(rows, xq.data() + i * k, xd.data() + i * k / 32, k, qp + row * k, sg.data(),
