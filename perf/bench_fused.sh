@@ -5,13 +5,21 @@
 # in the same command), int8 at 1 and 16, then agreement with HF float32 (teacher-forced and along
 # decode steps) for bf16, int8 and int4. On AVX2 CPUs (int16 activations by default) int4 and int8 also
 # run with --no-int16-activations beside them.
-# Env: THREADS (2), REPEAT (3), QUALITY (1; 0 skips the agreement runs).
+# Env: THREADS (2), REPEAT (3), QUALITY (1; 0 skips the agreement runs), ISA (native; avx2 on an AVX-512
+# machine: the AVX2 kernels, torch and oneDNN held to AVX2, against llama.cpp built for AVX2 only in
+# .venv-tools-avx2/, built here on first use; the lines carry "kernels_isa": "avx2").
 # Usage: perf/bench_fused.sh [OUT]   (default docs/bench/fused_decode.jsonl; about 10 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-docs/bench/fused_decode.jsonl}
 threads=${THREADS:-2}; repeat=${REPEAT:-3}
 mkdir -p "$(dirname "$out")"
+if [ "${ISA:-native}" = avx2 ]; then
+  export OFFRAMP_KERNELS_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+  export OFFRAMP_TOOLS_PYTHON=${OFFRAMP_TOOLS_PYTHON:-$PWD/.venv-tools-avx2/bin/python}
+  [ -x .venv-tools-avx2/bin/python ] || TOOLS_DIR=.venv-tools-avx2 \
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" perf/tools_env.sh
+fi
 act16=$(.venv/bin/python -c "from offramp.model import fused; print(int(bool(fused.kernels()) and fused.int16_activations_available()))")
 run() {  # weights concurrency fused-flag [extra...]
   local w=$1 c=$2 f=$3; shift 3

@@ -3,7 +3,7 @@
 On an AVX-512 machine the rest of the suite tests the AVX-512 BF16 kernels and skips the AVX2 ones (int16
 activations, the float32-FMA int4 product, AVX2 attention). Here a child pytest builds the extension for
 AVX2 (``OFFRAMP_KERNELS_ISA=avx2``) and makes torch pack int4 as on an AVX2 CPU
-(``ATEN_CPU_CAPABILITY=avx2``), then runs the kernel and fused-decode tests as an AVX2 CPU would: the same
+(``ATEN_CPU_CAPABILITY=avx2``; ``ONEDNN_MAX_CPU_ISA=AVX2`` keeps oneDNN off AVX-512/AMX too), then runs the kernel and fused-decode tests as an AVX2 CPU would: the same
 tests, none of them skipped for the CPU kind. On an AVX2 machine the suite already runs them natively.
 """
 
@@ -42,7 +42,7 @@ pytestmark = [
 
 def test_avx2_kernels_pass_the_kernel_tests_with_none_skipped_for_the_cpu():
     assert cpu_vector_isa() != "avx2"
-    env = dict(os.environ, OFFRAMP_KERNELS_ISA="avx2", ATEN_CPU_CAPABILITY="avx2")
+    env = dict(os.environ, OFFRAMP_KERNELS_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     cmd = [
         sys.executable,
         "-m",
