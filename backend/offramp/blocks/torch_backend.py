@@ -45,22 +45,7 @@ class TorchBackend(BlockBackend):
         if last - first > 1 and self.fused is not None and fused_ops.can_fuse_some(hidden, meta, self.max_rows):
             runs = self._step_runs(meta)
             if len(runs) == 1 and runs[0][3] is not None:
-                start, end = self.block_ranges[first][0], self.block_ranges[last - 1][1]
-                if (first, last) not in self._spans:
-                    parts = self._packed[first:last]
-                    self._spans[(first, last)] = ([t for p in parts for t in p[0]], [i for p in parts for i in p[1]])
-                w = self.weights
-                return fused_ops.decode_layers(
-                    self.fused,
-                    w.layers[start:end],
-                    hidden,
-                    meta,
-                    self.kv.k[start:end],
-                    self.kv.v[start:end],
-                    w.shape,
-                    runs[0][3],
-                    self._spans[(first, last)],
-                )
+                return self._fused(first, last, hidden, meta, runs[0][3])
         return super().run_blocks(first, last, hidden, meta)
 
     def _step_runs(self, meta: AttentionMetadata) -> list:
@@ -74,10 +59,10 @@ class TorchBackend(BlockBackend):
             return self._eager(block_idx, hidden, meta)
         runs = self._step_runs(meta)
         if len(runs) == 1:
-            return self._fused(block_idx, hidden, meta, runs[0][3])
+            return self._fused(block_idx, block_idx + 1, hidden, meta, runs[0][3])
         # a mixed step: decode/verification rows fused, prompt chunks eager, each run with its own metadata
         outs = [
-            self._fused(block_idx, hidden[lo:hi], sub, pages)
+            self._fused(block_idx, block_idx + 1, hidden[lo:hi], sub, pages)
             if pages is not None
             else self._eager(block_idx, hidden[lo:hi], sub)
             for lo, hi, sub, pages in runs
@@ -85,9 +70,17 @@ class TorchBackend(BlockBackend):
         return torch.cat(outs)
 
     def _fused(
-        self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata, pages: torch.Tensor
+        self, first: int, last: int, hidden: torch.Tensor, meta: AttentionMetadata, pages: torch.Tensor
     ) -> torch.Tensor:
-        start, end = self.block_ranges[block_idx]
+        """Blocks ``[first, last)`` in one call of the extension."""
+        start, end = self.block_ranges[first][0], self.block_ranges[last - 1][1]
+        if last - first == 1:
+            packed = self._packed[first]
+        else:  # the blocks' packed weights end to end, gathered once per span
+            if (first, last) not in self._spans:
+                parts = self._packed[first:last]
+                self._spans[(first, last)] = ([t for p in parts for t in p[0]], [i for p in parts for i in p[1]])
+            packed = self._spans[(first, last)]
         w = self.weights
         return fused_ops.decode_layers(
             self.fused,
@@ -98,7 +91,7 @@ class TorchBackend(BlockBackend):
             self.kv.v[start:end],
             w.shape,
             pages,
-            self._packed[block_idx],
+            packed,
         )
 
     def _eager(self, block_idx: int, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

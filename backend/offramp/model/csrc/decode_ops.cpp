@@ -168,14 +168,18 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 }
 
 
+// Cephes' single-precision exp: x = k ln 2 + r (ln 2 in two parts), e^r by a degree-6 polynomial
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 // sc[p] = exp(sc[p] - mx) for p < n; returns their sum. Vectorised (16 lanes) with the single-precision
 // exp of Cephes (range reduction by ln 2, degree-6 polynomial, about 1 ulp); scalar std::exp elsewhere.
 inline float exp_shifted(float* sc, int64_t n, float mx) {
 #if defined(__AVX512F__)
-  const __m512 vmx = _mm512_set1_ps(mx), log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-  const float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
-                      5.0000001201e-1f};
+  const __m512 vmx = _mm512_set1_ps(mx), log2e = _mm512_set1_ps(kLog2e);
+  const __m512 ln2_hi = _mm512_set1_ps(kLn2Hi), ln2_lo = _mm512_set1_ps(kLn2Lo);
+  const float* c = kExpPoly;
   __m512 total = _mm512_setzero_ps();
   for (int64_t p = 0; p < n; p += 16) {
     const __mmask16 mask = n - p >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - p)) - 1);
@@ -193,10 +197,9 @@ inline float exp_shifted(float* sc, int64_t n, float mx) {
   }
   return _mm512_reduce_add_ps(total);
 #elif OFFRAMP_AVX2
-  const __m256 vmx = _mm256_set1_ps(mx), log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-  const float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
-                      5.0000001201e-1f};
+  const __m256 vmx = _mm256_set1_ps(mx), log2e = _mm256_set1_ps(kLog2e);
+  const __m256 ln2_hi = _mm256_set1_ps(kLn2Hi), ln2_lo = _mm256_set1_ps(kLn2Lo);
+  const float* c = kExpPoly;
   __m256 total = _mm256_setzero_ps();
   for (int64_t p = 0; p < n; p += 8) {
     const __m256i mask = tail_mask8(n - p);
