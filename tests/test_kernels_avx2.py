@@ -61,3 +61,49 @@ def test_avx2_kernels_pass_the_kernel_tests_with_none_skipped_for_the_cpu():
     # the AVX2 build is what ran: no test skipped for the CPU kind, and the AVX2-only tests counted
     assert not re.search(r"SKIPPED.*(AVX2 kernels'|does not run here|this CPU)", run.stdout), tail
     assert re.search(r"(\d+) passed", run.stdout) and int(re.search(r"(\d+) passed", run.stdout).group(1)) >= 40, tail
+
+
+_NO_VBMI_CHILD = """
+import sys, torch
+from offramp.model import fused
+ops = fused.kernels()
+assert ops is not None and ops.int4_mm_available(), "the no-VBMI build did not load"
+torch.save([ops.int4_mm(x, p, sz, 32, n, 0, False) for x, p, sz, n in torch.load(sys.argv[1])], sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(
+    not ({"avx512_bf16", "avx512vbmi"} <= _flags()), reason="the native int4 unpacking is the lookup one on this CPU"
+)
+def test_int4_unpacking_without_vbmi_gives_the_native_bits(tmp_path):
+    """AVX-512 BF16 CPUs without VBMI unpack int4 codes by a vpermw lookup instead of vpermb: the same
+    bfloat16 codes (16 + q), so the same sums to the bit, at one row and at several (the unpacked-group path)."""
+    import torch
+
+    from offramp.model import fused
+
+    ops = fused.kernels()
+    assert ops is not None and ops.int4_mm_available() and ops.int4_block_rows() == 64
+    gen = torch.Generator().manual_seed(0)
+    cases, refs = [], []
+    for m, n, k in ((1, 192, 576), (3, 64, 128), (7, 128, 256), (16, 576, 1536)):
+        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)  # [n, k / 2] uint8
+        scale_zero = (torch.rand(k // 32, n, 2, generator=gen) * 0.1 - 0.02).to(torch.bfloat16)
+        cases.append((torch.randn(m, k, generator=gen).to(torch.bfloat16), packed, scale_zero, n))
+        refs.append(codes)
+    torch.save(cases, tmp_path / "in.pt")
+    env = dict(os.environ, OFFRAMP_KERNELS_ISA="avx512_no_vbmi")
+    cmd = [sys.executable, "-c", _NO_VBMI_CHILD, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    theirs = torch.load(tmp_path / "out.pt")
+    for (x, packed, scale_zero, n), codes, other in zip(cases, refs, theirs):
+        ours = ops.int4_mm(x, packed, scale_zero, 32, n, 0, False)
+        assert ours.shape == (x.shape[0], n)
+        assert torch.equal(ours, other), f"rows {x.shape[0]}: the no-VBMI unpacking differs"
+        # and both are the product they stand for: w = (q - 8) s + z per group of 32 columns, in float64
+        sz = scale_zero.double().repeat_interleave(32, 0)  # [k, n, 2]
+        w = (codes.double() - 8) * sz[..., 0].T + sz[..., 1].T  # [n, k]
+        want = x.double() @ w.T
+        assert (ours.double() - want).abs().max() <= 1e-2 * want.abs().max(), f"rows {x.shape[0]}"

@@ -45,7 +45,9 @@ _state: dict[str, ModuleType | str] = {}
 # native one): with ATEN_CPU_CAPABILITY=avx2 (torch's AVX2 int4 packing) a process then runs as an AVX2
 # CPU would, so the AVX2 paths are tested and timed on any x86 machine (tests/test_kernels_avx2.py).
 ISA_ENV = "OFFRAMP_KERNELS_ISA"
-ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}  # -mno-avx512f turns off every AVX-512 subset
+# -mno-avx512f turns off every AVX-512 subset; avx512_no_vbmi builds the int4 unpacking that AVX-512 BF16 CPUs
+# without VBMI (Cooper Lake) run: a lookup instead of the byte permute, the same bits (tests/test_kernels_avx2.py)
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "avx512_no_vbmi": ["-mno-avx512vbmi"]}
 
 
 def kernels() -> ModuleType | None:

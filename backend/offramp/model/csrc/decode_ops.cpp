@@ -778,21 +778,63 @@ bool packs_in_blocks_of(int64_t rows) {
 #if OFFRAMP_DP
 // The int4 product as bfloat16 dot products (vdpbf16ps: each float32 lane adds a[2i] b[2i] + a[2i+1] b[2i+1]).
 // A pair of input columns (k, k + 1) of one block's 64 rows unpacks to four vectors whose 32-bit lane i
-// holds (q - 8) of row 16 j + i at k and at k + 1 as bfloat16 (exact: small integers; the lookup is one
-// vpermw on the code), and one broadcast of the pair x[r, k:k + 2] multiplies them for 64 rows at once:
-// per weight, one instruction serves two input columns, against one FMA per column from float32.
-// Per group of input columns the sums are scaled: y += s * sum x (q - 8) + z * sum x.
+// holds 16 + q of row 16 j + i at k and at k + 1 as bfloat16, and one broadcast of the pair x[r, k:k + 2]
+// multiplies them for 64 rows at once: per weight, one instruction serves two input columns, against one
+// FMA per column from float32. 16 + q is exact in bfloat16 (16.0 is 0x4180; q fills mantissa bits 3..6), so
+// a code becomes a bfloat16 by masking and one OR, with no lookup. Per group of input columns the sums are
+// scaled: sum x (q - 8) = acc - 24 sum x, so y += s * acc + (z - 24 s) * sum x.
+constexpr float kCodeBias = 24.f;  // (16 + q) - (q - 8)
 
-inline void unpack_pair(const uint8_t* bk, const __m512i table, __m512i w[4]) {  // bk: column k's 32 bytes
+#if defined(__AVX512VBMI__)
+// Two vpermb indices: 32-bit lane i takes byte i (column k) and byte 32 + i (column k + 1) of a pair's 64
+// bytes (lo), or bytes 16 + i and 48 + i (hi); the lanes' other bytes are masked off after.
+struct Int4Unpack {
+  __m512i lo, hi;
+};
+
+inline Int4Unpack int4_unpack() {
+  alignas(64) uint8_t lo[64] = {}, hi[64] = {};
+  for (int i = 0; i < 16; ++i) {
+    lo[4 * i] = i, lo[4 * i + 2] = 32 + i;
+    hi[4 * i] = 16 + i, hi[4 * i + 2] = 48 + i;
+  }
+  return {_mm512_load_si512(lo), _mm512_load_si512(hi)};
+}
+
+inline void unpack_pair(const uint8_t* bk, const Int4Unpack& u, __m512i w[4]) {  // bk: column k's 32 bytes, then k + 1's
+  const __m512i src = _mm512_loadu_si512(bk);  // byte d: row d (low nibble), row d + 32 (high)
+  // each byte's low (high) nibble moved to its bits 3..6; the bits shifted in from the next byte are masked off
+  const __m512i low = _mm512_slli_epi16(src, 3), high = _mm512_srli_epi16(src, 1);
+  const __m512i mask = _mm512_set1_epi32(0x00780078), sixteen = _mm512_set1_epi32(0x41804180);
+  constexpr int kAndOr = 0xEA;  // vpternlogd: (a & b) | c
+  w[0] = _mm512_ternarylogic_epi32(_mm512_permutexvar_epi8(u.lo, low), mask, sixteen, kAndOr);   // rows 0..15
+  w[1] = _mm512_ternarylogic_epi32(_mm512_permutexvar_epi8(u.hi, low), mask, sixteen, kAndOr);   // rows 16..31
+  w[2] = _mm512_ternarylogic_epi32(_mm512_permutexvar_epi8(u.lo, high), mask, sixteen, kAndOr);  // rows 32..47
+  w[3] = _mm512_ternarylogic_epi32(_mm512_permutexvar_epi8(u.hi, high), mask, sixteen, kAndOr);  // rows 48..63
+}
+#else
+// Without VBMI's byte permute: the codes widen to 32-bit lanes and a vpermw lookup gives the same bfloat16.
+struct Int4Unpack {
+  __m512i table;
+};
+
+inline Int4Unpack int4_unpack() {
+  uint16_t lut[32] = {};
+  for (int q = 0; q < 16; ++q) lut[q] = static_cast<uint16_t>(0x4180 | q << 3);  // 16 + q
+  return {_mm512_loadu_si512(lut)};
+}
+
+inline void unpack_pair(const uint8_t* bk, const Int4Unpack& u, __m512i w[4]) {  // bk: column k's 32 bytes
   const __m512i nib = _mm512_set1_epi32(0x000F000F);
   for (int h = 0; h < 2; ++h) {  // bytes 16 h .. 16 h + 15: rows 16 h + i (low nibble), 32 + 16 h + i (high)
     const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bk + 16 * h)));
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bk + 32 + 16 * h)));
     const __m512i v = _mm512_or_si512(a, _mm512_slli_epi32(b, 16));  // lane: byte at k | byte at k + 1 << 16
-    w[h] = _mm512_permutexvar_epi16(_mm512_and_si512(v, nib), table);
-    w[2 + h] = _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 4), nib), table);
+    w[h] = _mm512_permutexvar_epi16(_mm512_and_si512(v, nib), u.table);
+    w[2 + h] = _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(v, 4), nib), u.table);
   }
 }
+#endif
 
 inline __m512 bcast_pair(const bf16* x) {  // x[0], x[1] in every 32-bit lane
   int32_t pair;
@@ -804,7 +846,7 @@ inline __m512 bcast_pair(const bf16* x) {  // x[0], x[1] in every 32-bit lane
 // [pairs][4], then y [R][64] += s * acc + z * xs. With wbuf null, the pairs are unpacked here from block.
 template <int R>
 void int4_group_rows(const bf16* x, int64_t k, int64_t k0, int64_t pairs, const __m512i* wbuf, const uint8_t* block,
-                     const __m512i table, const __m512 s[4], const __m512 z[4], const float* xs, int64_t xs_stride,
+                     const Int4Unpack& table, const __m512 s[4], const __m512 z[4], const float* xs, int64_t xs_stride,
                      float* y) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
@@ -832,7 +874,7 @@ void int4_group_rows(const bf16* x, int64_t k, int64_t k0, int64_t pairs, const 
 
 template <int R>
 void int4_group_dispatch(int64_t rows, const bf16* x, int64_t k, int64_t k0, int64_t pairs, const __m512i* wbuf,
-                         const uint8_t* block, const __m512i table, const __m512 s[4], const __m512 z[4],
+                         const uint8_t* block, const Int4Unpack& table, const __m512 s[4], const __m512 z[4],
                          const float* xs, int64_t xs_stride, float* y) {
   if constexpr (R > 1) {
     if (rows < R) {
@@ -917,9 +959,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     for (int64_t i = begin; i < end; ++i)
       for (int64_t j = 0; j < k; ++j) xsum[i * groups + j / group] += to_f(xp[i * k + j]);
   });
-  uint16_t lut[32] = {};
-  for (int q = 0; q < 16; ++q) lut[q] = bf16(static_cast<float>(q - 8)).x;
-  const __m512i table = _mm512_loadu_si512(lut);
+  const Int4Unpack table = int4_unpack();
   auto out = at::empty({m, out_features}, x.options());
   bf16* op = out.data_ptr<bf16>();
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
@@ -949,7 +989,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
         for (int j = 0; j < 4; ++j) {
           const __m512i pair = _mm512_loadu_si512(lanes + j * 16);
           s[j] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-          z[j] = _mm512_castsi512_ps(_mm512_and_si512(pair, high_half));
+          z[j] = _mm512_fnmadd_ps(_mm512_set1_ps(kCodeBias), s[j], _mm512_castsi512_ps(_mm512_and_si512(pair, high_half)));
         }
         const __m512i* wb = nullptr;
         if (m > kRowTile) {
