@@ -23,7 +23,7 @@ from pathlib import Path
 from offramp import EngineConfig, SamplingParams
 from offramp.engine.llm_engine import LLMEngine
 from offramp.pipeline.placement import place
-from offramp.tools.bench import load_prompts, run_engine
+from offramp.tools.runs import load_prompts, run_engine
 
 SETUPS = {"1 process x 2 threads": {"num_threads": 2}, "2 stages x 1 thread": {"pipeline_stages": 2, "num_threads": 1}}
 

@@ -20,8 +20,8 @@ import torch
 
 from offramp.config import EngineConfig
 from offramp.engine.llm_engine import LLMEngine
-from offramp.tools.bench import bench_prompt_ids, load_prompts, run_hf
 from offramp.tools.quality import reference_agreement
+from offramp.tools.runs import bench_prompt_ids, load_prompts, run_hf
 from offramp.tools.teacher_forcing import teacher_forced_agreement
 
 

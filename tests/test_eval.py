@@ -144,9 +144,9 @@ def test_measure_reports_quality_against_the_same_full_depth_run(calibration):
     from offramp.engine.llm_engine import LLMEngine
     from offramp.engine.sampling import SamplingParams
     from offramp.serving.serving_config import load_serving_config
-    from offramp.tools.bench import bench_prompt_ids, run_engine
     from offramp.tools.evaluate import EvalConfig, measure
     from offramp.tools.quality import lcs_length
+    from offramp.tools.runs import bench_prompt_ids, run_engine
 
     cal = calibration / "cal"
     config = load_serving_config(cal / "engine.calibrated.json").engine

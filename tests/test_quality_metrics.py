@@ -11,8 +11,8 @@ import pytest
 from offramp import EngineConfig, SamplingParams
 from offramp.engine.llm_engine import LLMEngine
 from offramp.model.decoder import final_logits
-from offramp.tools.bench import run_engine
 from offramp.tools.quality import distinct2, lcs_frac, lcs_length, quality_metrics, reference_agreement
+from offramp.tools.runs import run_engine
 from offramp.tools.teacher_forcing import teacher_forced_hidden
 
 

@@ -345,7 +345,7 @@ def test_crossing_density_interpolates_between_the_measured_points():
 def test_bench_fields_and_the_triton_gauge_report_density(tiny_models, tmp_path):
     from offramp.serving.events import EngineStats
     from offramp.serving.triton_adapter import Metrics
-    from offramp.tools.bench import run_engine
+    from offramp.tools.runs import run_engine
     from test_serving_units import _FakePb
 
     path = tmp_path / "const.safetensors"

@@ -9,7 +9,7 @@ import pytest
 from offramp import EngineConfig, SamplingParams
 from offramp.engine.llm_engine import LLMEngine
 from offramp.model import fused
-from offramp.tools.bench import load_prompts
+from offramp.tools.runs import load_prompts
 
 pytestmark = [
     pytest.mark.default_model,

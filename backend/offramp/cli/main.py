@@ -221,7 +221,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from offramp.engine.llm_engine import LLMEngine
-    from offramp.tools.bench import bench, load_prompts
+    from offramp.tools.bench import bench
+    from offramp.tools.runs import load_prompts
 
     for name in ("num_requests", "concurrency", "max_tokens", "rounds"):
         if getattr(args, name) <= 0:

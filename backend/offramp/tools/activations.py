@@ -109,7 +109,7 @@ def collect(
 def load_prompt_rows(path: str | None = None, bundled: str = "prompts.jsonl") -> list[dict]:
     """``{"prompt", "category"}`` per line of a JSONL prompt file (the bundled set by default);
     a line without a category gets "uncategorized"."""
-    from offramp.tools.bench import load_prompts
+    from offramp.tools.runs import load_prompts
 
     prompts = load_prompts(path, bundled)  # validates every line
     if path is None:

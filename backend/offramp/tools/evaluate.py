@@ -207,7 +207,8 @@ def measure(engine: LLMEngine, prompts: list[str], cfg: EvalConfig, progress: bo
     request (``ignore_eos``), so both sides do the same number of tokens; tokens/s are medians over
     the runs and ``speedup`` is their ratio (single runs on a shared 2-core machine vary by ~10%)."""
     from offramp.engine.sampling import SamplingParams
-    from offramp.tools.bench import bench, bench_prompt_ids, run_engine
+    from offramp.tools.bench import bench
+    from offramp.tools.runs import bench_prompt_ids, run_engine
 
     result = bench(engine, prompts, cfg.num_requests, cfg.concurrency, cfg.max_tokens, progress, ignore_eos=True)
     if "full_depth_tokens_per_s" not in result:  # the calibrated policy is "none": nothing to compare

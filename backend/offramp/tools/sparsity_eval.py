@@ -35,7 +35,7 @@ from offramp.sparsity import criteria
 from offramp.sparsity.masked import masked_forward
 from offramp.sparsity.predictor import PREDICTOR_KINDS, load_predictor
 from offramp.sparsity.selectors import OracleSelector, PredictedSelector, RandomSelector
-from offramp.tools.bench import bench_prompt_ids, load_prompts, run_engine
+from offramp.tools.runs import bench_prompt_ids, load_prompts, run_engine
 from offramp.tools.sparsity_calibrate import FILES, predictor_file
 
 DENSITIES = (1.0, 0.95, 0.9, 0.8, 0.6, 0.5, 0.4, 0.3)  # 0.95 and 0.9: where the curves cross the targets
