@@ -843,10 +843,11 @@ inline __m512 bcast_pair(const bf16* x) {  // x[0], x[1] in every 32-bit lane
 }
 
 // R rows (stride k) of one group (columns k0 .. k0 + 2 pairs) against the group's unpacked pairs wbuf
-// [pairs][4], then y [R][64] += s * acc + z * xs. With wbuf null, the pairs are unpacked here from block.
+// [pairs][4], then y [R][64] += s * acc + z * xs (z: the group's zeros less kCodeBias * s). With wbuf null, the
+// pairs are unpacked here from block.
 template <int R>
 void int4_group_rows(const bf16* x, int64_t k, int64_t k0, int64_t pairs, const __m512i* wbuf, const uint8_t* block,
-                     const Int4Unpack& table, const __m512 s[4], const __m512 z[4], const float* xs, int64_t xs_stride,
+                     const Int4Unpack& unpack, const __m512 s[4], const __m512 z[4], const float* xs, int64_t xs_stride,
                      float* y) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
@@ -856,7 +857,7 @@ void int4_group_rows(const bf16* x, int64_t k, int64_t k0, int64_t pairs, const 
     if (wbuf) {
       for (int j = 0; j < 4; ++j) w[j] = _mm512_load_si512(wbuf + 4 * p + j);
     } else {
-      unpack_pair(block + (k0 + 2 * p) * 32, table, w);
+      unpack_pair(block + (k0 + 2 * p) * 32, unpack, w);
     }
     for (int r = 0; r < R; ++r) {
       const __m512bh xp = (__m512bh)bcast_pair(x + r * k + k0 + 2 * p);
@@ -874,15 +875,15 @@ void int4_group_rows(const bf16* x, int64_t k, int64_t k0, int64_t pairs, const 
 
 template <int R>
 void int4_group_dispatch(int64_t rows, const bf16* x, int64_t k, int64_t k0, int64_t pairs, const __m512i* wbuf,
-                         const uint8_t* block, const Int4Unpack& table, const __m512 s[4], const __m512 z[4],
+                         const uint8_t* block, const Int4Unpack& unpack, const __m512 s[4], const __m512 z[4],
                          const float* xs, int64_t xs_stride, float* y) {
   if constexpr (R > 1) {
     if (rows < R) {
-      int4_group_dispatch<R - 1>(rows, x, k, k0, pairs, wbuf, block, table, s, z, xs, xs_stride, y);
+      int4_group_dispatch<R - 1>(rows, x, k, k0, pairs, wbuf, block, unpack, s, z, xs, xs_stride, y);
       return;
     }
   }
-  int4_group_rows<R>(x, k, k0, pairs, wbuf, block, table, s, z, xs, xs_stride, y);
+  int4_group_rows<R>(x, k, k0, pairs, wbuf, block, unpack, s, z, xs, xs_stride, y);
 }
 
 #ifdef OFFRAMP_NO_PREFETCH
@@ -959,7 +960,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     for (int64_t i = begin; i < end; ++i)
       for (int64_t j = 0; j < k; ++j) xsum[i * groups + j / group] += to_f(xp[i * k + j]);
   });
-  const Int4Unpack table = int4_unpack();
+  static const Int4Unpack unpack = int4_unpack();  // constants, built once
   auto out = at::empty({m, out_features}, x.options());
   bf16* op = out.data_ptr<bf16>();
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
@@ -993,11 +994,11 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
         }
         const __m512i* wb = nullptr;
         if (m > kRowTile) {
-          for (int64_t p = 0; p < pairs; ++p) unpack_pair(block + (g * group + 2 * p) * 32, table, wbuf.data() + 4 * p);
+          for (int64_t p = 0; p < pairs; ++p) unpack_pair(block + (g * group + 2 * p) * 32, unpack, wbuf.data() + 4 * p);
           wb = wbuf.data();
         }
         for (int64_t i = 0; i < m; i += kRowTile)
-          int4_group_dispatch<kRowTile>(std::min(kRowTile, m - i), xp + i * k, k, g * group, pairs, wb, block, table, s,
+          int4_group_dispatch<kRowTile>(std::min(kRowTile, m - i), xp + i * k, k, g * group, pairs, wb, block, unpack, s,
                                         z, xsum.data() + i * groups + g, groups, y.data() + i * 64);
       }
       const int64_t rows = std::min<int64_t>(64, out_features - nb * 64);
